@@ -1,0 +1,325 @@
+"""Execution backends: one staged model, several ways to run it (DESIGN section 5).
+
+=========  ========================================  =======================
+backend    trusted part runs                         untrusted part runs
+=========  ========================================  =======================
+dense      -- (no split; everything untrusted)       accelerator
+inline     traced into the same jitted program       accelerator
+local      host callback into an in-process          accelerator
+           :class:`~asymml_jax.executor.TrustedExecutor`
+           (JAX on the CPU)
+enclave    host callback over the bridge into the    accelerator
+           enclave process (``enclave_bridge``)
+tee_only   everything in the enclave process         --
+=========  ========================================  =======================
+
+Every backend implements :class:`Backend`: ``grads`` (loss, gradients, new
+batch statistics and aggregate metrics of one training batch) and
+``evaluate``.  The process backends are registered by ``enclave_bridge``
+through :func:`register_backend`, so this library never imports the bridge.
+
+The host-callback machinery (:class:`CallbackHook`) is shared by ``local`` and
+``enclave``: each trusted stage is a ``jax.custom_vjp`` whose forward and
+backward both call the host through ``jax.pure_callback``.  The forward
+callback also returns a token that the backward callback consumes, so XLA can
+neither drop a forward whose value is unused nor run a backward before it.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asymml_jax import stages as st
+from asymml_jax.decomposition import DecompositionConfig
+from asymml_jax.executor import TrustedExecutor, to_numpy
+from asymml_jax.models.base import StagedModel
+from asymml_jax.plan import Plan, make_plan
+
+Tree = Any
+
+
+class Backend(abc.ABC):
+  """The interface every execution backend implements."""
+
+  name: str = "?"
+  model: StagedModel
+  plan: Plan
+
+  @abc.abstractmethod
+  def grads(self, params: Tree, stats: Tree, batch: Mapping[str, Any] | None,
+            step: int) -> tuple[jax.Array, Tree, Tree, dict]:
+    """Loss, parameter gradients, new batch statistics, metrics of one step."""
+
+  @abc.abstractmethod
+  def evaluate(self, params: Tree, stats: Tree, batch: Mapping[str, Any] | None,
+               index: int) -> dict:
+    """Aggregate metrics (``loss_sum``, ``correct``, ``count``) of one eval batch."""
+
+  def close(self) -> None:
+    """Releases processes or buffers the backend holds."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _struct(tree):
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def batch_struct(model: StagedModel, batch_size: int) -> dict:
+  """Shapes of a batch dict for ``model``."""
+  return {"image": jax.ShapeDtypeStruct((batch_size, *model.input_shape), jnp.float32),
+          "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+          "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+
+
+# --------------------------------------------------------------- in-program
+class InlineBackend(Backend):
+  """``dense`` and ``inline``: trusted stages traced into the jitted step."""
+
+  def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, *,
+               name: str = "inline", residual_dtype: Any = None):
+    self.name, self.model, self.plan, self._key = name, model, plan, key
+    self._residual_dtype = residual_dtype
+
+    def loss(params, stats, batch, key, step, train):
+      return st.inline_loss(model, plan, params, stats, batch, key, step, train,
+                            residual_dtype)
+
+    def grad_fn(params, stats, batch, key, step):
+      (l, (new_stats, metrics)), g = jax.value_and_grad(loss, has_aux=True)(
+          params, stats, batch, key, step, True)
+      return l, g, new_stats, metrics
+
+    def eval_fn(params, stats, batch, key, index):
+      return loss(params, stats, batch, key, index, False)[1][1]
+
+    self._grad = jax.jit(grad_fn)
+    self._eval = jax.jit(eval_fn)
+
+  def grads(self, params, stats, batch, step):
+    self.model.check_input(batch["image"])
+    return self._grad(params, stats, batch, self._key, jnp.int32(step))
+
+  def evaluate(self, params, stats, batch, index):
+    self.model.check_input(batch["image"])
+    return self._eval(params, stats, batch, self._key, jnp.int32(-1 - index))
+
+
+# ------------------------------------------------------------ host callbacks
+class CallbackHook:
+  """Trusted-stage hook that calls the host: forward and backward callbacks.
+
+  Args:
+    model, plan: as everywhere.
+    batch: abstract batch (shapes only; the data lives on the trusted side).
+    tag: traced int32 step tag passed to the host.
+    train: build ``custom_vjp`` stages (training) or plain callbacks (eval).
+    host_forward: ``(k, tag, yr, params_k, stats_k) -> (rs, loss, metrics, new_stats)``.
+    host_backward: ``(k, tag, drs, dloss) -> (dyr, dparams_k)``.
+  """
+
+  def __init__(self, model: StagedModel, plan: Plan, batch: Mapping, tag: jax.Array,
+               train: bool, host_forward: Callable, host_backward: Callable):
+    self.model, self.plan, self.batch, self.tag, self.train = model, plan, batch, tag, train
+    self.host_forward, self.host_backward = host_forward, host_backward
+    self._priv = st.empty_private()
+    # A scalar threaded through every stage (forward and, as its cotangent,
+    # backward) so that callbacks run in stage order even where no tensor
+    # links two stages (e.g. a fully trusted convolution between them).
+    self._link = jnp.zeros((), jnp.float32)
+
+  def _out_struct(self, k, yr, params_k, stats_k):
+    def f(yr, params_k, stats_k, priv, batch):
+      return st.trusted_stage(self.model, self.plan, k, params_k, stats_k, yr, priv,
+                              batch, jax.random.key(0), self.train)
+    (rs, priv_out, loss), (new_stats, metrics) = jax.eval_shape(
+        f, _struct(yr), _struct(params_k), _struct(stats_k), self._priv, self.batch)
+    self._priv = priv_out
+    return rs, loss, metrics, new_stats
+
+  def __call__(self, k, yr, params_k, stats_k):
+    out_struct = self._out_struct(k, yr, params_k, stats_k)
+    link = jax.ShapeDtypeStruct((), jnp.float32)
+    host_forward, host_backward = self.host_forward, self.host_backward
+
+    def fwd_host(tag, link_in, yr, params_k, stats_k):
+      del link_in  # orders this call after the previous stage's forward
+      out = host_forward(k, int(tag), yr, params_k, stats_k)
+      return to_numpy(out), np.float32(0.0)
+
+    def call_forward(yr, params_k, stats_k, tag, link_in):
+      return jax.pure_callback(fwd_host, (out_struct, link), tag, link_in, yr,
+                               params_k, stats_k, vmap_method="sequential")
+
+    if not self.train:
+      out, self._link = call_forward(yr, params_k, stats_k, self.tag, self._link)
+      return out
+
+    in_struct = (_struct(yr), _struct(params_k), link)
+
+    def bwd_host(tag, link_out, dlink_out, drs, dloss):
+      del link_out, dlink_out  # order this call after the forward and stage k+1's backward
+      dyr, dparams = host_backward(k, int(tag), drs, dloss)
+      return to_numpy(dyr), to_numpy(dparams), np.float32(0.0)
+
+    @jax.custom_vjp
+    def stage(yr, params_k, stats_k, tag, link_in):
+      return call_forward(yr, params_k, stats_k, tag, link_in)
+
+    def stage_fwd(yr, params_k, stats_k, tag, link_in):
+      out, link_out = call_forward(yr, params_k, stats_k, tag, link_in)
+      return (out, link_out), (link_out, tag)
+
+    def stage_bwd(res, ct):
+      link_out, tag = res
+      (drs, dloss, _, _), dlink_out = ct
+      if dloss is None:
+        dloss = jnp.zeros((), jnp.float32)
+      dyr, dparams, dlink_in = jax.pure_callback(
+          bwd_host, in_struct, tag, link_out, dlink_out, drs, dloss,
+          vmap_method="sequential")
+      return dyr, dparams, None, None, dlink_in
+
+    stage.defvjp(stage_fwd, stage_bwd)
+    out, self._link = stage(yr, params_k, stats_k, self.tag, self._link)
+    return out
+
+
+class HostBackend(Backend):
+  """Untrusted program with trusted stages behind host callbacks.
+
+  Subclasses provide where the trusted side runs: :meth:`_begin` hands a batch
+  (or a step's sampling request) to it, :meth:`_host_forward` and
+  :meth:`_host_backward` serve the callbacks.
+  """
+
+  def __init__(self, model: StagedModel, plan: Plan, *, name: str,
+               residual_dtype: Any = None):
+    self.name, self.model, self.plan = name, model, plan
+    self._residual_dtype = residual_dtype
+
+    def grad_fn(params, stats, tag, batch_size):
+      hook = CallbackHook(model, plan, batch_struct(model, batch_size), tag, True,
+                          self._host_forward, self._host_backward)
+      (l, (new_stats, metrics)), g = jax.value_and_grad(
+          lambda p: st.run_untrusted(model, plan, p, stats, hook, residual_dtype),
+          has_aux=True)(params)
+      return l, g, new_stats, metrics
+
+    def eval_fn(params, stats, tag, batch_size):
+      hook = CallbackHook(model, plan, batch_struct(model, batch_size), tag, False,
+                          self._host_forward, self._host_backward)
+      return st.run_untrusted(model, plan, params, stats, hook, residual_dtype)[1][1]
+
+    self._grad = jax.jit(grad_fn, static_argnames="batch_size")
+    self._eval = jax.jit(eval_fn, static_argnames="batch_size")
+
+  @abc.abstractmethod
+  def _begin(self, tag: int, batch: Mapping[str, Any] | None, train: bool) -> int:
+    """Prepares step ``tag`` on the trusted side; returns its batch size."""
+
+  @abc.abstractmethod
+  def _host_forward(self, k, tag, yr, params_k, stats_k):
+    ...
+
+  @abc.abstractmethod
+  def _host_backward(self, k, tag, drs, dloss):
+    ...
+
+  def _end(self, tag: int) -> None:
+    """Drops step ``tag``'s trusted state (stages without gradients never see a backward)."""
+
+  def grads(self, params, stats, batch, step):
+    n = self._begin(int(step), batch, True)
+    try:
+      return jax.block_until_ready(self._grad(params, stats, jnp.int32(step), batch_size=n))
+    finally:
+      self._end(int(step))
+
+  def evaluate(self, params, stats, batch, index):
+    tag = -1 - int(index)
+    n = self._begin(tag, batch, False)
+    try:
+      return jax.block_until_ready(self._eval(params, stats, jnp.int32(tag), batch_size=n))
+    finally:
+      self._end(tag)
+
+
+class LocalBackend(HostBackend):
+  """``local``: host callbacks into an in-process :class:`TrustedExecutor`."""
+
+  def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, *,
+               residual_dtype: Any = None):
+    self.executor = TrustedExecutor(model, plan, key)
+    super().__init__(model, plan, name="local", residual_dtype=residual_dtype)
+
+  def _begin(self, tag, batch, train):
+    if batch is None:
+      raise ValueError("the local backend needs the batch (it has no data of its own)")
+    self.executor.end(tag)
+    self.executor.begin(tag, batch, train=train)
+    return int(np.shape(batch["image"])[0])
+
+  def _end(self, tag):
+    self.executor.end(tag)
+
+  def _host_forward(self, k, tag, yr, params_k, stats_k):
+    return self.executor.forward(tag, k, yr, params_k, stats_k)
+
+  def _host_backward(self, k, tag, drs, dloss):
+    return self.executor.backward(tag, k, drs, dloss)
+
+
+# ------------------------------------------------------------------ registry
+BackendFactory = Callable[..., Backend]
+_REGISTRY: dict[str, BackendFactory] = {}
+PROCESS_BACKENDS = ("enclave", "tee_only")
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+  """Registers ``factory(model, plan, key, **options) -> Backend`` under ``name``."""
+  _REGISTRY[name] = factory
+
+
+def available_backends() -> tuple[str, ...]:
+  return tuple(sorted(_REGISTRY))
+
+
+def make_plan_for(name: str, model: StagedModel, batch_size: int,
+                  decomposition: DecompositionConfig, force: str | None = None) -> Plan:
+  """The plan a backend runs: ``dense`` forces everything untrusted, ``tee_only`` trusted."""
+  if name == "dense":
+    force = "dense"
+  elif name == "tee_only":
+    force = "trusted"
+  return make_plan(model, batch_size, decomposition, force=force)
+
+
+def make_backend(name: str, model: StagedModel, *, key: jax.Array, batch_size: int,
+                 decomposition: DecompositionConfig = DecompositionConfig(),
+                 force: str | None = None, **options) -> Backend:
+  """Builds backend ``name`` for ``model``; unknown names list the choices."""
+  if name not in _REGISTRY:
+    hint = ""
+    if name in PROCESS_BACKENDS:
+      hint = f" ({name!r} is provided by the enclave bridge: import enclave_bridge first)"
+    raise ValueError(f"unknown backend {name!r}; choices: "
+                     f"{', '.join(available_backends())}{hint}")
+  plan = make_plan_for(name, model, batch_size, decomposition, force)
+  return _REGISTRY[name](model, plan, key, **options)
+
+
+register_backend("dense", lambda model, plan, key, **o: InlineBackend(
+    model, plan, key, name="dense", **o))
+register_backend("inline", lambda model, plan, key, **o: InlineBackend(
+    model, plan, key, name="inline", **o))
+register_backend("local", lambda model, plan, key, **o: LocalBackend(model, plan, key, **o))

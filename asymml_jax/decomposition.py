@@ -1,0 +1,247 @@
+"""Principal-channel decomposition of activations (DESIGN section 3, "Subspace").
+
+An activation of one sample, ``X in R^{H x W x C}``, is viewed as the matrix
+``X in R^{C x HW}`` (channels by pixels).  AsymML (3LegRace, PETS 2022,
+section 4.1) splits it into a low-rank part ``X_L = U U^T X`` whose ``r``
+"principal channels" ``P = U^T X`` stay in the trusted execution environment,
+and a residual ``R = X - X_L`` that is sent to the untrusted accelerator.
+
+Everything here is a pure, jittable function with static shapes: the rank is
+chosen by energy at run time but ``U`` always has ``r_max`` columns, the unused
+ones set to zero (masked), so ``X_L`` and ``R`` are exact for any chosen rank.
+
+Arrays use the NHWC layout of JAX/Flax.  A single sample's pixel matrix is
+handled as ``x2d in R^{N x C}`` (``N = HW`` rows), i.e. ``X^T``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Scope = Literal["per_sample", "per_batch"]
+SCOPES: tuple[str, ...] = ("per_sample", "per_batch")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecompositionConfig:
+  """How activations are decomposed (DESIGN section 3).
+
+  Attributes:
+    rank_fraction: ``r_max = max(min_rank, ceil(rank_fraction * C))``.
+    max_rank: optional cap on ``r_max`` (the authors capped at 32).
+    min_rank: lower bound on ``r_max``.
+    tau: energy threshold: the smallest ``r <= r_max`` whose residual energy is
+      ``<= tau`` of the total is used; ``0`` always uses ``r_max``.
+    num_iters: block subspace iterations (1-3 suffice with a Rayleigh-Ritz step).
+    scope: ``per_sample`` (one ``U`` per sample; the only scope allowed with DP)
+      or ``per_batch`` (one ``U`` for the whole batch).
+  """
+
+  rank_fraction: float = 1.0 / 16.0
+  max_rank: int | None = None
+  min_rank: int = 1
+  tau: float = 0.1
+  num_iters: int = 2
+  scope: str = "per_sample"
+
+  def __post_init__(self):
+    if not 0.0 < self.rank_fraction <= 1.0:
+      raise ValueError(f"rank_fraction must be in (0, 1], got {self.rank_fraction}")
+    if self.min_rank < 1:
+      raise ValueError(f"min_rank must be >= 1, got {self.min_rank}")
+    if self.max_rank is not None and self.max_rank < self.min_rank:
+      raise ValueError(
+          f"max_rank ({self.max_rank}) must be >= min_rank ({self.min_rank})")
+    if not 0.0 <= self.tau < 1.0:
+      raise ValueError(f"tau must be in [0, 1), got {self.tau}")
+    if not 1 <= self.num_iters <= 10:
+      raise ValueError(f"num_iters must be in [1, 10], got {self.num_iters}")
+    if self.scope not in SCOPES:
+      raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+
+  def r_max(self, channels: int) -> int:
+    """The static number of columns of ``U`` for ``channels`` input channels."""
+    r = max(self.min_rank, int(-(-self.rank_fraction * channels // 1)))
+    if self.max_rank is not None:
+      r = min(r, self.max_rank)
+    return min(r, channels)
+
+
+class Decomposition(NamedTuple):
+  """Result of decomposing a batch of activations.
+
+  Attributes:
+    u: principal channels, ``(B, C, r_max)`` per sample or ``(C, r_max)`` per
+      batch; columns beyond the chosen rank are zero.  Constant for autodiff.
+    p: principal-channel maps ``P = X U``, ``(B, H, W, r_max)``.
+    residual: ``R = X - P U^T``, ``(B, H, W, C)``.
+    rank: chosen rank, ``(B,)`` per sample or ``()`` per batch.
+  """
+
+  u: jax.Array
+  p: jax.Array
+  residual: jax.Array
+  rank: jax.Array
+
+
+def subspace_iteration(x2d: jax.Array, q0: jax.Array, num_iters: int) -> jax.Array:
+  """Block subspace iteration on ``X X^T`` without forming it.
+
+  Implements ``Q <- orth(X (X^T Q))`` (DESIGN section 3), with ``X = x2d^T``.
+
+  Args:
+    x2d: ``(N, C)`` pixel-by-channel matrix of one sample (or of a batch).
+    q0: ``(C, r)`` start block (random or warm start).
+    num_iters: number of iterations.
+
+  Returns:
+    ``(C, r)`` orthonormal basis approximating the top-``r`` left singular
+    subspace of ``X``.
+  """
+  q = q0
+  for _ in range(num_iters):
+    z = x2d.T @ (x2d @ q)  # (C, r) = X X^T Q
+    q, _ = jnp.linalg.qr(z)
+  return q
+
+
+def rayleigh_ritz(x2d: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rotates ``q`` to the Ritz vectors of ``X X^T``, sorted by energy.
+
+  Solves the small ``r x r`` eigenproblem of ``Q^T X X^T Q``; the returned
+  energies are the squared norms of the principal-channel maps, so that
+  ``sum(x2d**2) - cumsum(energies)`` is the residual energy at each rank.
+
+  Returns:
+    ``(q_sorted, energies)`` with energies descending.
+  """
+  p = x2d @ q
+  b = p.T @ p
+  evals, evecs = jnp.linalg.eigh(b)
+  evals = evals[::-1]
+  evecs = evecs[:, ::-1]
+  return q @ evecs, jnp.maximum(evals, 0.0)
+
+
+def energy_rank(energies: jax.Array, total: jax.Array, tau: float,
+                min_rank: int = 1) -> jax.Array:
+  """Smallest rank whose residual energy is ``<= tau * total`` (or ``r_max``).
+
+  Args:
+    energies: ``(r_max,)`` captured energy per component, descending.
+    total: total energy ``||X||_F^2``.
+    tau: residual-energy threshold in ``[0, 1)``.
+    min_rank: lower bound on the returned rank.
+
+  Returns:
+    An int32 scalar in ``[min_rank, r_max]``.
+  """
+  r_max = energies.shape[0]
+  residual = total - jnp.cumsum(energies)  # residual energy at rank 1..r_max
+  ok = residual <= tau * total
+  first = jnp.argmax(ok)  # index of first True, 0 if none
+  rank = jnp.where(jnp.any(ok), first + 1, r_max)
+  return jnp.clip(rank, min(min_rank, r_max), r_max).astype(jnp.int32)
+
+
+def _basis(x2d: jax.Array, q0: jax.Array, num_iters: int, tau: float,
+           min_rank: int) -> tuple[jax.Array, jax.Array]:
+  q = subspace_iteration(x2d, q0, num_iters)
+  q, energies = rayleigh_ritz(x2d, q)
+  rank = energy_rank(energies, jnp.sum(x2d * x2d), tau, min_rank)
+  mask = jnp.arange(q.shape[1]) < rank
+  return q * mask[None, :].astype(q.dtype), rank
+
+
+def principal_channels(x: jax.Array, key: jax.Array, r_max: int, *,
+                       tau: float = 0.0, num_iters: int = 2,
+                       scope: str = "per_sample", min_rank: int = 1,
+                       q0: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Finds the principal channels ``U`` of a batch of NHWC activations.
+
+  Args:
+    x: ``(B, H, W, C)`` activations.
+    key: PRNG key for the random start block (used when ``q0`` is None).
+    r_max: static number of columns.
+    tau: energy threshold of :func:`energy_rank`.
+    num_iters: subspace iterations.
+    scope: ``per_sample`` or ``per_batch``.
+    min_rank: lower bound on the chosen rank.
+    q0: optional warm start, ``(B, C, r_max)`` or ``(C, r_max)`` by scope.
+
+  Returns:
+    ``(u, rank)``; ``u`` is treated as a constant (``stop_gradient``), which is
+    exact because ``X_L + R = X`` identically (DESIGN section 1).
+  """
+  if scope not in SCOPES:
+    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+  b, h, w, c = x.shape
+  if not 1 <= r_max <= c:
+    raise ValueError(f"r_max must be in [1, C={c}], got {r_max}")
+  xs = jax.lax.stop_gradient(x).astype(jnp.float32)
+  if scope == "per_sample":
+    if q0 is None:
+      q0 = jax.random.normal(key, (b, c, r_max), jnp.float32)
+    u, rank = jax.vmap(_basis, in_axes=(0, 0, None, None, None))(
+        xs.reshape(b, h * w, c), q0, num_iters, tau, min_rank)
+  else:
+    if q0 is None:
+      q0 = jax.random.normal(key, (c, r_max), jnp.float32)
+    u, rank = _basis(xs.reshape(b * h * w, c), q0, num_iters, tau, min_rank)
+  return jax.lax.stop_gradient(u.astype(x.dtype)), rank
+
+
+def project(x: jax.Array, u: jax.Array) -> jax.Array:
+  """Principal-channel maps ``P = U^T X`` in NHWC: ``(B, H, W, r)``."""
+  if u.ndim == 3:
+    return jnp.einsum("bhwc,bcr->bhwr", x, u)
+  return jnp.einsum("bhwc,cr->bhwr", x, u)
+
+
+def reconstruct(p: jax.Array, u: jax.Array) -> jax.Array:
+  """Low-rank part ``X_L = U P`` in NHWC: ``(B, H, W, C)``."""
+  if u.ndim == 3:
+    return jnp.einsum("bhwr,bcr->bhwc", p, u)
+  return jnp.einsum("bhwr,cr->bhwc", p, u)
+
+
+def decompose(x: jax.Array, key: jax.Array, r_max: int, *, tau: float = 0.0,
+              num_iters: int = 2, scope: str = "per_sample", min_rank: int = 1,
+              q0: jax.Array | None = None) -> Decomposition:
+  """Splits ``X`` into ``P`` (kept trusted) and ``R = X - U P`` (sent out).
+
+  Implements ``X = X_L + R`` with ``X_L = U U^T X`` (DESIGN section 1).
+  """
+  u, rank = principal_channels(x, key, r_max, tau=tau, num_iters=num_iters,
+                               scope=scope, min_rank=min_rank, q0=q0)
+  p = project(x, u)
+  return Decomposition(u=u, p=p, residual=x - reconstruct(p, u), rank=rank)
+
+
+def energy_fraction(x: jax.Array, u: jax.Array) -> jax.Array:
+  """Per-sample fraction of ``||X||^2`` captured by ``U`` (``(B,)``)."""
+  p = project(x, u)
+  axes = tuple(range(1, x.ndim))
+  return jnp.sum(p * p, axis=axes) / jnp.maximum(jnp.sum(x * x, axis=axes), 1e-30)
+
+
+def clip_per_sample(r: jax.Array, clip: float) -> jax.Array:
+  """Per-sample L2 clipping: ``r_i * min(1, clip / ||r_i||)`` (DESIGN section 7).
+
+  Args:
+    r: ``(B, ...)`` residuals.
+    clip: L2 bound ``c > 0``.
+
+  Returns:
+    Residuals whose per-sample L2 norm is at most ``clip``.
+  """
+  if clip <= 0:
+    raise ValueError(f"clip must be > 0, got {clip}")
+  axes = tuple(range(1, r.ndim))
+  norms = jnp.sqrt(jnp.sum(r * r, axis=axes, keepdims=True))
+  scale = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12))
+  return r * scale

@@ -1,0 +1,154 @@
+"""Flax linen modules built on :mod:`asymml_jax.ops` and :mod:`asymml_jax.decomposition`.
+
+* :class:`AsymConv` is a drop-in replacement for ``nn.Conv`` inside any linen
+  model: it decomposes its input (DESIGN section 3, step 1), convolves the
+  residual as the accelerator would (step 2), the principal channels with the
+  folded kernel as the enclave would (step 3), and adds them (step 4).  With
+  noise and clipping off it computes exactly ``nn.Conv``'s function.
+* :class:`Norm`, :func:`pool` and :func:`global_avg_pool` are the trusted,
+  non-linear or sample-mixing pieces that the staged models (``models/``) use
+  in their trusted stages: BatchNorm or GroupNorm on the *full* activation,
+  ReLU, max and average pooling (each what it says), padding honoured.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from asymml_jax import decomposition as dec
+from asymml_jax import ops
+
+NORMS: tuple[str, ...] = ("batch", "group", "none")
+
+
+def _explicit_padding(padding, kernel_size: tuple[int, int]) -> ops.Padding:
+  if isinstance(padding, str):
+    if padding.upper() == "VALID":
+      return ((0, 0), (0, 0))
+    if padding.upper() == "SAME":
+      kh, kw = kernel_size
+      return (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))
+    raise ValueError(f"padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}")
+  (a, b), (c, d) = padding
+  return ((int(a), int(b)), (int(c), int(d)))
+
+
+class AsymConv(nn.Module):
+  """Convolution split into a trusted low-rank half and an untrusted residual half.
+
+  Implements ``conv(X, W) = conv(P, W x_C U) + conv(X - U P, W)`` (DESIGN
+  section 1).  Parameters are named like ``nn.Conv``'s (``kernel`` HWIO,
+  ``bias``), so weights are interchangeable with a dense model.
+
+  The residual that would leave the enclave is recorded with
+  ``self.sow('intermediates', 'residual', R)``.  The random start block of the
+  subspace iteration comes from the ``'decompose'`` RNG stream, which the
+  caller must provide (no hidden default key).
+
+  Attributes:
+    features: output channels.
+    kernel_size: ``(kh, kw)``.
+    strides: ``(sh, sw)``.
+    padding: ``'SAME'``, ``'VALID'`` or explicit pairs.
+    use_bias: add a bias (trusted side).
+    decomposition: rank rule, energy threshold, iterations and scope.
+    split: ``False`` gives the plain dense convolution (for comparisons).
+  """
+
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: str | Sequence[Sequence[int]] = "SAME"
+  use_bias: bool = True
+  decomposition: dec.DecompositionConfig = dec.DecompositionConfig()
+  split: bool = True
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 4:
+      raise ValueError(f"AsymConv expects NHWC input, got shape {x.shape}")
+    kh, kw = tuple(self.kernel_size)
+    c = x.shape[-1]
+    spec = ops.ConvSpec(name=self.name or "conv", site="input", in_features=c,
+                        features=self.features, kernel_size=(kh, kw),
+                        strides=tuple(self.strides),
+                        padding=_explicit_padding(self.padding, (kh, kw)),
+                        use_bias=self.use_bias)
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, c, self.features))
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,))
+            if self.use_bias else None)
+    if not self.split:
+      return ops.combine(None, ops.conv(x, kernel, spec.strides, spec.padding), bias)
+    cfg = self.decomposition
+    d = dec.decompose(x, self.make_rng("decompose"), cfg.r_max(c), tau=cfg.tau,
+                      num_iters=cfg.num_iters, scope=cfg.scope,
+                      min_rank=cfg.min_rank)
+    self.sow("intermediates", "residual", d.residual)
+    y_r = ops.untrusted_conv(d.residual, kernel, spec)
+    y_l = ops.lowrank_conv(d.p, d.u, kernel, spec)
+    return ops.combine(y_l, y_r, bias)
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+  """Largest group count ``<= max_groups`` dividing ``channels`` with >= 2 channels a group."""
+  for g in range(min(max_groups, channels // 2), 0, -1):
+    if channels % g == 0:
+      return g
+  return 1
+
+
+class Norm(nn.Module):
+  """Normalisation of the full activation ``Y = Y_L + Y_R + b`` (section 3, step 4).
+
+  ``batch`` is BatchNorm (mixes samples; refused in DP mode), ``group`` is
+  GroupNorm (per sample), ``none`` is the identity.
+  """
+
+  kind: str = "batch"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.kind == "batch":
+      return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                          epsilon=1e-5)(x)
+    if self.kind == "group":
+      return nn.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=1e-5)(x)
+    if self.kind == "none":
+      return x
+    raise ValueError(f"norm must be one of {NORMS}, got {self.kind!r}")
+
+
+def pool(x: jax.Array, kind: str, window: int, stride: int, padding: int = 0) -> jax.Array:
+  """Max or average pooling, honouring zero/neg-inf padding.
+
+  Average pooling divides by the full window (``count_include_pad``), as
+  PyTorch's default; max pooling pads with ``-inf``.
+  """
+  pads = ((padding, padding), (padding, padding))
+  if kind == "max":
+    return nn.max_pool(x, (window, window), (stride, stride), pads)
+  if kind == "avg":
+    return nn.avg_pool(x, (window, window), (stride, stride), pads,
+                       count_include_pad=True)
+  raise ValueError(f"pool kind must be 'max' or 'avg', got {kind!r}")
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """Mean over the spatial axes: ``(B, H, W, C) -> (B, C)``."""
+  return jnp.mean(x, axis=(1, 2))
+
+
+def he_normal_fan_out() -> nn.initializers.Initializer:
+  """He (Kaiming) normal initialiser with fan-out, as torchvision's conv init."""
+  return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def num_channels(base: int, width: float) -> int:
+  """Channels of a layer scaled by a width multiplier (at least 1)."""
+  return max(1, int(math.floor(base * width + 0.5)))

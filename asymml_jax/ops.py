@@ -1,0 +1,117 @@
+"""Trusted and untrusted halves of a convolution as pure functions.
+
+Convolution is linear, so for ``X = X_L + R`` (DESIGN section 1):
+
+    conv(X, W) = conv(X_L, W) + conv(R, W)
+
+The untrusted accelerator computes ``conv(R, W)`` (:func:`untrusted_conv`);
+the trusted side computes ``conv(X_L, W) = conv(P, W')`` with the folded
+kernel ``W' = W x_C U`` of ``r`` input channels (:func:`fold_kernel`,
+:func:`lowrank_conv`), about ``r / C`` of the dense cost, and adds the two and
+the bias (:func:`combine`).  Kernels use Flax's HWIO layout, activations NHWC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConvSpec:
+  """One convolution of a staged model.
+
+  Attributes:
+    name: unique name; its parameters live under ``params['convs'][name]``.
+    site: the trusted activation (decomposition site) this conv reads.
+    in_features: input channels ``C``.
+    features: output channels ``Cout``.
+    kernel_size: ``(kh, kw)``.
+    strides: ``(sh, sw)``.
+    padding: explicit ``((top, bottom), (left, right))`` zero padding.
+    use_bias: whether a bias is added (in the trusted half).
+  """
+
+  name: str
+  site: str
+  in_features: int
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: Padding = ((1, 1), (1, 1))
+  use_bias: bool = True
+
+  def output_hw(self, h: int, w: int) -> tuple[int, int]:
+    """Spatial size of the output for an ``h x w`` input."""
+    (pt, pb), (pl, pr) = self.padding
+    kh, kw = self.kernel_size
+    sh, sw = self.strides
+    return (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+
+  def macs(self, h: int, w: int, in_channels: int | None = None) -> int:
+    """Multiply-accumulates of the dense convolution on one sample."""
+    ho, wo = self.output_hw(h, w)
+    c = self.in_features if in_channels is None else in_channels
+    return ho * wo * self.kernel_size[0] * self.kernel_size[1] * c * self.features
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+         padding: Padding) -> jax.Array:
+  """Plain NHWC x HWIO convolution without bias."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def untrusted_conv(r: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """The accelerator's half: ``Y_R = conv(R, W)`` (DESIGN section 3, step 2)."""
+  return conv(r, kernel.astype(r.dtype), spec.strides, spec.padding)
+
+
+def fold_kernel(kernel: jax.Array, u: jax.Array) -> jax.Array:
+  """Folded kernel ``W' = W x_C U`` (DESIGN section 1).
+
+  Args:
+    kernel: ``(kh, kw, C, Cout)``.
+    u: ``(C, r)`` shared or ``(B, C, r)`` per sample.
+
+  Returns:
+    ``(kh, kw, r, Cout)`` or ``(B, kh, kw, r, Cout)``.
+  """
+  if u.ndim == 3:
+    return jnp.einsum("hwco,bcr->bhwro", kernel, u,
+                      precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("hwco,cr->hwro", kernel, u,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def lowrank_conv(p: jax.Array, u: jax.Array, kernel: jax.Array,
+                 spec: ConvSpec) -> jax.Array:
+  """The trusted half: ``Y_L = conv(X_L, W) = conv(P, W')`` (section 3, step 3).
+
+  Args:
+    p: ``(B, H, W, r)`` principal-channel maps.
+    u: ``(C, r)`` or ``(B, C, r)`` principal channels.
+    kernel: ``(kh, kw, C, Cout)``.
+    spec: the convolution's geometry.
+  """
+  folded = fold_kernel(kernel, u)
+  if u.ndim == 2:
+    return conv(p, folded, spec.strides, spec.padding)
+
+  def one(p1, k1):
+    return conv(p1[None], k1, spec.strides, spec.padding)[0]
+
+  return jax.vmap(one)(p, folded)
+
+
+def combine(y_lowrank: jax.Array | None, y_residual: jax.Array,
+            bias: jax.Array | None) -> jax.Array:
+  """``Y = Y_L + Y_R + b`` (DESIGN section 3, step 4)."""
+  y = y_residual if y_lowrank is None else y_lowrank + y_residual
+  return y if bias is None else y + bias

@@ -1,0 +1,189 @@
+"""Per-layer split planner and MAC/byte cost model (DESIGN section 5, "Planner").
+
+For every decomposition *site* (an activation read by one or more
+convolutions) the planner counts, for one forward pass over a batch:
+
+* ``trusted``: the whole convolution in the enclave (``k^2 C Cout HW_out``
+  MACs per sample and per conv), nothing crosses;
+* ``per_sample``: subspace iteration and projections
+  (``(2 n_iter + 4) HW C r`` per sample), the per-sample kernel fold
+  (``k^2 C r Cout``) and the low-rank convolution (``HW_out k^2 r Cout``) in the
+  enclave; the dense convolution on the accelerator; ``R`` out and ``Y_R`` back;
+* ``per_batch``: as ``per_sample`` but one ``U`` and one fold per batch.
+
+It picks the cheapest mode (trusted MACs) the privacy configuration allows; a
+site with ``r_max >= min(C, HW)`` runs fully trusted.  The same counts feed the
+benchmarks' "trusted MAC ratio" (dense MACs over trusted MACs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from asymml_jax.decomposition import DecompositionConfig
+from asymml_jax.models.base import StagedModel
+
+MODES: tuple[str, ...] = ("dense", "trusted", "per_sample", "per_batch")
+SPLIT_MODES: tuple[str, ...] = ("per_sample", "per_batch")
+BYTES_PER_ELEMENT = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePlan:
+  """The decision for one site, with its costs for one forward pass of a batch."""
+
+  site: str
+  index: int
+  mode: str
+  r_max: int
+  height: int
+  width: int
+  channels: int
+  consumers: tuple[str, ...]
+  dense_macs: int
+  trusted_macs: int
+  untrusted_macs: int
+  bytes_across: int
+
+  @property
+  def split(self) -> bool:
+    return self.mode in SPLIT_MODES
+
+  @property
+  def scope(self) -> str:
+    return self.mode if self.split else "none"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+  """Per-site modes and costs for a model, batch size and decomposition config."""
+
+  model: str
+  batch_size: int
+  decomposition: DecompositionConfig
+  sites: Mapping[str, SitePlan]
+
+  @property
+  def dense_macs(self) -> int:
+    return sum(s.dense_macs for s in self.sites.values())
+
+  @property
+  def trusted_macs(self) -> int:
+    return sum(s.trusted_macs for s in self.sites.values())
+
+  @property
+  def untrusted_macs(self) -> int:
+    return sum(s.untrusted_macs for s in self.sites.values())
+
+  @property
+  def bytes_across(self) -> int:
+    return sum(s.bytes_across for s in self.sites.values())
+
+  @property
+  def trusted_mac_ratio(self) -> float:
+    """Fully-trusted MACs over this plan's trusted MACs (higher is better)."""
+    return self.dense_macs / max(1, self.trusted_macs)
+
+  def mode(self, site: str) -> str:
+    return self.sites[site].mode
+
+  def table(self) -> str:
+    """The plan as a fixed-width text table with a totals line."""
+    head = (f"{'site':<10} {'C':>5} {'HxW':>9} {'r_max':>5} {'mode':<10} "
+            f"{'trusted MACs':>14} {'untrusted MACs':>15} {'bytes across':>13}")
+    lines = [f"plan for {self.model}, batch {self.batch_size} (forward pass)", head,
+             "-" * len(head)]
+    for s in self.sites.values():
+      lines.append(
+          f"{s.site:<10} {s.channels:>5} {f'{s.height}x{s.width}':>9} {s.r_max:>5} "
+          f"{s.mode:<10} {s.trusted_macs:>14,} {s.untrusted_macs:>15,} {s.bytes_across:>13,}")
+    lines.append("-" * len(head))
+    lines.append(
+        f"{'total':<10} {'':>5} {'':>9} {'':>5} {'':<10} {self.trusted_macs:>14,} "
+        f"{self.untrusted_macs:>15,} {self.bytes_across:>13,}")
+    lines.append(f"fully trusted MACs: {self.dense_macs:,}; trusted-MAC ratio "
+                 f"(fully trusted / this plan): {self.trusted_mac_ratio:.2f}x")
+    return "\n".join(lines)
+
+  def to_dict(self) -> dict:
+    return {
+        "model": self.model,
+        "batch_size": self.batch_size,
+        "sites": [dataclasses.asdict(s) for s in self.sites.values()],
+        "dense_macs": self.dense_macs,
+        "trusted_macs": self.trusted_macs,
+        "untrusted_macs": self.untrusted_macs,
+        "bytes_across": self.bytes_across,
+        "trusted_mac_ratio": self.trusted_mac_ratio,
+    }
+
+
+def site_costs(model: StagedModel, site: str, mode: str, r: int, batch_size: int,
+               num_iters: int) -> tuple[int, int, int, int]:
+  """``(dense, trusted, untrusted, bytes)`` for one site in one mode (see module doc)."""
+  h, w, c = model.site_shapes[site]
+  hw = h * w
+  convs = model.consumers(site)
+  dense = batch_size * sum(cv.macs(h, w) for cv in convs)
+  if mode == "trusted":
+    return dense, dense, 0, 0
+  out_elems = sum(cv.output_hw(h, w)[0] * cv.output_hw(h, w)[1] * cv.features
+                  for cv in convs)
+  bytes_across = BYTES_PER_ELEMENT * batch_size * (hw * c + out_elems)
+  if mode == "dense":
+    return dense, 0, dense, bytes_across
+  decomp = batch_size * (2 * num_iters + 4) * hw * c * r
+  lowrank = batch_size * sum(cv.macs(h, w, in_channels=r) for cv in convs)
+  fold_one = sum(cv.kernel_size[0] * cv.kernel_size[1] * c * r * cv.features
+                 for cv in convs)
+  folds = fold_one * (batch_size if mode == "per_sample" else 1)
+  return dense, decomp + lowrank + folds, dense, bytes_across
+
+
+def make_plan(model: StagedModel, batch_size: int,
+              decomposition: DecompositionConfig = DecompositionConfig(), *,
+              allow_per_batch: bool | None = None, force: str | None = None) -> Plan:
+  """Chooses a mode for every site of ``model``.
+
+  Args:
+    model: the staged model.
+    batch_size: samples per batch (per-batch folds amortise over it).
+    decomposition: rank rule; ``scope='per_batch'`` allows per-batch subspaces.
+    allow_per_batch: overrides what ``decomposition.scope`` allows.
+    force: ``dense`` (everything untrusted: the GPU-only baseline),
+      ``trusted`` (TEE-only), or a split mode applied wherever a split is
+      possible (sites with ``r_max >= min(C, HW)`` stay trusted).
+
+  Returns:
+    The :class:`Plan`.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if force is not None and force not in MODES:
+    raise ValueError(f"force must be one of {MODES}, got {force!r}")
+  if allow_per_batch is None:
+    allow_per_batch = decomposition.scope == "per_batch"
+  sites = {}
+  for index, site in enumerate(model.site_order):
+    h, w, c = model.site_shapes[site]
+    r = decomposition.r_max(c)
+    can_split = r < min(c, h * w)
+    if force in ("dense", "trusted"):
+      mode = force
+    elif force in SPLIT_MODES:
+      mode = force if can_split else "trusted"
+    else:
+      candidates = ["trusted"]
+      if can_split:
+        candidates += ["per_sample"] + (["per_batch"] if allow_per_batch else [])
+      mode = min(candidates, key=lambda m: site_costs(
+          model, site, m, r, batch_size, decomposition.num_iters)[1])
+    dense, trusted, untrusted, nbytes = site_costs(
+        model, site, mode, r, batch_size, decomposition.num_iters)
+    sites[site] = SitePlan(
+        site=site, index=index, mode=mode, r_max=r, height=h, width=w, channels=c,
+        consumers=tuple(cv.name for cv in model.consumers(site)), dense_macs=dense,
+        trusted_macs=trusted, untrusted_macs=untrusted, bytes_across=nbytes)
+  return Plan(model=model.name, batch_size=batch_size, decomposition=decomposition,
+              sites=sites)

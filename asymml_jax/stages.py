@@ -1,0 +1,198 @@
+"""The trusted stage function and the untrusted convolution group of a staged model.
+
+One training or inference step alternates (DESIGN section 3, "Forward, one stage"):
+
+* trusted stage ``k`` (:func:`trusted_stage`): add ``Y_R`` (from the
+  accelerator), the low-rank part ``conv(P, W')`` and the bias of every
+  convolution of group ``k-1``; run the stage module (normalisation, ReLU,
+  pooling, shortcuts; the head and the loss in the last stage); decompose the
+  activations that group ``k`` reads, keeping ``P`` and ``U`` private and
+  releasing the residuals ``R``;
+* untrusted group ``k`` (:func:`untrusted_group`): ``Y_R = conv(R, W)``.
+
+:func:`run_untrusted` is the untrusted program: it owns the public weights and
+calls a *trusted-stage hook* for every stage.  Every backend is this program
+with a different hook: traced inline (``dense``, ``inline``), a host callback
+into an in-process executor (``local``), or the enclave process (``enclave``).
+Private state (``P``, ``U``, shortcuts, images, labels) only ever lives in the
+hook, never in the untrusted program.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from asymml_jax import decomposition as dec
+from asymml_jax import ops
+from asymml_jax.models.base import StagedModel
+from asymml_jax.plan import Plan
+
+Tree = Any
+# hook(k, yr, params_k, stats_k) -> (rs, loss | None, metrics | None, new_stats_k)
+TrustedHook = Callable[[int, dict, dict, dict], tuple[dict, Any, Any, dict]]
+
+
+def empty_private() -> dict:
+  """Private state carried between trusted stages."""
+  return {"carry": {}, "x": {}, "p": {}, "u": {}}
+
+
+def stage_params(model: StagedModel, params: Tree, k: int) -> dict:
+  """Public parameters trusted stage ``k`` needs: group ``k-1``'s convs and its module."""
+  convs = ({c.name: params["convs"][c.name] for c in model.groups[k - 1]}
+           if k > 0 else {})
+  return {"convs": convs, "stage": params["stages"][str(k)]}
+
+
+def stage_stats(stats: Tree, k: int) -> dict:
+  return stats["stages"][str(k)]
+
+
+def step_key(key: jax.Array, step) -> jax.Array:
+  """The trusted RNG key of one step: ``fold_in(key, step)`` (DESIGN section 11)."""
+  return jax.random.fold_in(key, step)
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array,
+                        mask: jax.Array) -> tuple[jax.Array, dict]:
+  """Masked mean softmax cross-entropy and aggregate metrics (trusted, last stage)."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  count = jnp.sum(mask)
+  loss = jnp.sum(ce * mask) / jnp.maximum(count, 1.0)
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+  return loss, {"loss_sum": jnp.sum(ce * mask), "correct": correct, "count": count}
+
+
+def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
+                  stats_k: dict, yr: Mapping[str, jax.Array], priv_in: dict,
+                  batch: Mapping[str, jax.Array], key: jax.Array, train: bool):
+  """Trusted stage ``k`` as one pure function (DESIGN section 3, steps 3-5 and 1).
+
+  Args:
+    model: the staged model.
+    plan: per-site modes and ranks.
+    k: stage index.
+    params_k: :func:`stage_params` of stage ``k``.
+    stats_k: batch statistics of stage ``k``.
+    yr: ``conv(R, W)`` for each non-trusted conv of group ``k-1``, from the accelerator.
+    priv_in: private state from stage ``k-1`` (:func:`empty_private` layout).
+    batch: ``image`` (used by stage 0), ``label`` and ``mask`` (last stage).
+    key: the step's trusted key; site ``s`` decomposes with ``fold_in(key, index(s))``.
+    train: training mode (BatchNorm uses batch statistics).
+
+  Returns:
+    ``((rs, priv_out, loss), (new_stats_k, metrics))``: residuals released to the
+    accelerator, private state for stage ``k+1``, the loss (last stage only,
+    else ``None``), updated batch statistics and aggregate metrics.
+  """
+  cfg = plan.decomposition
+  ys = {}
+  if k > 0:
+    for c in model.groups[k - 1]:
+      sp = plan.sites[c.site]
+      p = params_k["convs"][c.name]
+      if sp.mode == "trusted":
+        y = ops.conv(priv_in["x"][c.site], p["kernel"], c.strides, c.padding)
+      elif sp.mode == "dense":
+        y = yr[c.name]
+      else:
+        y = ops.combine(ops.lowrank_conv(priv_in["p"][c.site], priv_in["u"][c.site],
+                                         p["kernel"], c),
+                        yr[c.name].astype(jnp.float32), None)
+      ys[c.name] = ops.combine(None, y, p.get("bias"))
+  carry = dict(priv_in["carry"])
+  if k == 0:
+    model.check_input(batch["image"])
+    carry = {"image": batch["image"]}
+  variables = {"params": params_k["stage"]}
+  if stats_k:
+    variables["batch_stats"] = stats_k
+  stage = model.stages[k]
+  if train and stats_k:
+    (xs, carry), mutated = stage.apply(variables, ys, carry, True, mutable=["batch_stats"])
+    new_stats = mutated["batch_stats"]
+  else:
+    xs, carry = stage.apply(variables, ys, carry, train)
+    new_stats = stats_k
+  if k == model.num_stages - 1:
+    loss, metrics = classification_loss(xs["logits"], batch["label"], batch["mask"])
+    return ({}, empty_private(), loss), (new_stats, metrics)
+  rs, priv_out = {}, empty_private()
+  priv_out["carry"] = carry
+  for site, x in xs.items():
+    sp = plan.sites[site]
+    if sp.mode == "dense":
+      rs[site] = x
+    elif sp.mode == "trusted":
+      priv_out["x"][site] = x
+    else:
+      d = dec.decompose(x, jax.random.fold_in(key, sp.index), sp.r_max, tau=cfg.tau,
+                        num_iters=cfg.num_iters, scope=sp.mode, min_rank=cfg.min_rank)
+      rs[site] = d.residual
+      priv_out["p"][site] = d.p
+      priv_out["u"][site] = d.u
+  return (rs, priv_out, None), (new_stats, None)
+
+
+def untrusted_group(model: StagedModel, plan: Plan, k: int, conv_params: Tree,
+                    rs: Mapping[str, jax.Array],
+                    residual_dtype: Any = None) -> dict[str, jax.Array]:
+  """The accelerator's convolutions of group ``k``: ``Y_R = conv(R, W)`` (step 2)."""
+  out = {}
+  for c in model.groups[k]:
+    if plan.sites[c.site].mode == "trusted":
+      continue
+    r = rs[c.site]
+    if residual_dtype is not None:
+      r = r.astype(residual_dtype)
+    out[c.name] = ops.untrusted_conv(r, conv_params[c.name]["kernel"], c)
+  return out
+
+
+def run_untrusted(model: StagedModel, plan: Plan, params: Tree, stats: Tree,
+                  hook: TrustedHook, residual_dtype: Any = None):
+  """The untrusted program of one step: public weights in, loss out.
+
+  Returns:
+    ``(loss, (new_stats, metrics))`` from the last trusted stage.
+  """
+  yr: dict = {}
+  new_stats = {}
+  loss = metrics = None
+  for k in range(model.num_stages):
+    rs, loss, metrics, st = hook(k, yr, stage_params(model, params, k),
+                                 stage_stats(stats, k))
+    new_stats[str(k)] = st
+    if k < model.num_stages - 1:
+      yr = untrusted_group(model, plan, k, params["convs"], rs, residual_dtype)
+  return loss, ({"stages": new_stats}, metrics)
+
+
+class InlineHook:
+  """Trusted stages traced into the same program; private state in Python attributes.
+
+  Used by the ``dense`` and ``inline`` backends (simulation: one process).
+  """
+
+  def __init__(self, model: StagedModel, plan: Plan, batch: Mapping[str, jax.Array],
+               key: jax.Array, train: bool):
+    self.model, self.plan, self.batch, self.key, self.train = model, plan, batch, key, train
+    self.priv = empty_private()
+
+  def __call__(self, k, yr, params_k, stats_k):
+    (rs, self.priv, loss), (st, metrics) = trusted_stage(
+        self.model, self.plan, k, params_k, stats_k, yr, self.priv, self.batch,
+        self.key, self.train)
+    return rs, loss, metrics, st
+
+
+def inline_loss(model: StagedModel, plan: Plan, params: Tree, stats: Tree,
+                batch: Mapping[str, jax.Array], key: jax.Array, step, train: bool,
+                residual_dtype: Any = None):
+  """Loss of the whole split network in one traced program (``dense``/``inline``)."""
+  hook = InlineHook(model, plan, batch, step_key(key, step), train)
+  return run_untrusted(model, plan, params, stats, hook, residual_dtype)
