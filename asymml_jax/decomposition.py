@@ -17,6 +17,7 @@ handled as ``x2d in R^{N x C}`` (``N = HW`` rows), i.e. ``X^T``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -65,7 +66,8 @@ class DecompositionConfig:
 
   def r_max(self, channels: int) -> int:
     """The static number of columns of ``U`` for ``channels`` input channels."""
-    r = max(self.min_rank, int(-(-self.rank_fraction * channels // 1)))
+    # Round away float noise before the ceiling (0.07 * 100 = 7.000000000000001).
+    r = max(self.min_rank, math.ceil(round(self.rank_fraction * channels, 9)))
     if self.max_rank is not None:
       r = min(r, self.max_rank)
     return min(r, channels)

@@ -26,13 +26,17 @@ from asymml_jax import ops
 NORMS: tuple[str, ...] = ("batch", "group", "none")
 
 
-def _explicit_padding(padding, kernel_size: tuple[int, int]) -> ops.Padding:
+def _explicit_padding(padding, kernel_size: tuple[int, int],
+                      strides: tuple[int, int],
+                      in_hw: tuple[int, int]) -> ops.Padding:
   if isinstance(padding, str):
     if padding.upper() == "VALID":
       return ((0, 0), (0, 0))
     if padding.upper() == "SAME":
-      kh, kw = kernel_size
-      return (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))
+      # As lax/nn.Conv: the pads depend on the input size and the strides.
+      (pt, pb), (pl, pr) = jax.lax.padtype_to_pads(in_hw, kernel_size, strides,
+                                                   "SAME")
+      return ((int(pt), int(pb)), (int(pl), int(pr)))
     raise ValueError(f"padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}")
   (a, b), (c, d) = padding
   return ((int(a), int(b)), (int(c), int(d)))
@@ -78,7 +82,9 @@ class AsymConv(nn.Module):
     spec = ops.ConvSpec(name=self.name or "conv", site="input", in_features=c,
                         features=self.features, kernel_size=(kh, kw),
                         strides=tuple(self.strides),
-                        padding=_explicit_padding(self.padding, (kh, kw)),
+                        padding=_explicit_padding(self.padding, (kh, kw),
+                                                  tuple(self.strides),
+                                                  x.shape[1:3]),
                         use_bias=self.use_bias)
     kernel = self.param("kernel", self.kernel_init, (kh, kw, c, self.features))
     bias = (self.param("bias", nn.initializers.zeros, (self.features,))
@@ -107,7 +113,10 @@ class Norm(nn.Module):
   """Normalisation of the full activation ``Y = Y_L + Y_R + b`` (section 3, step 4).
 
   ``batch`` is BatchNorm (mixes samples; refused in DP mode), ``group`` is
-  GroupNorm (per sample), ``none`` is the identity.
+  GroupNorm (per sample), ``none`` is the identity.  Variances are computed as
+  ``E[(x - E[x])^2]``, not Flax's default ``E[x^2] - E[x]^2``, which loses all
+  precision for channels whose mean dwarfs their spread (small batches at 1x1
+  spatial size), so that the dense and split networks agree to float32 accuracy.
   """
 
   kind: str = "batch"
@@ -116,9 +125,10 @@ class Norm(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.kind == "batch":
       return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                          epsilon=1e-5)(x)
+                          epsilon=1e-5, use_fast_variance=False)(x)
     if self.kind == "group":
-      return nn.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=1e-5)(x)
+      return nn.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=1e-5,
+                          use_fast_variance=False)(x)
     if self.kind == "none":
       return x
     raise ValueError(f"norm must be one of {NORMS}, got {self.kind!r}")

@@ -83,6 +83,8 @@ def resnet(name: str, *, num_classes: int = 10, input_shape=(32, 32, 3),
   h, w, c = (int(v) for v in input_shape)
   if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
     raise ValueError(f"{name} needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, got {h}x{w}")
+  if c < 1:
+    raise ValueError(f"channels must be >= 1, got {c}")
   arch = ARCHS[name]
   widths = [layers.num_channels(v, width) for v in arch["widths"]]
   stem_w = widths[0]

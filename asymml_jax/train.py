@@ -1,0 +1,305 @@
+"""Training and evaluation loop: TrainState, steps, checkpoints, summary (DESIGN section 4).
+
+``train_and_evaluate(config, workdir)`` trains a staged model through any
+backend (``dense``, ``inline``, ``local``; ``enclave`` and ``tee_only`` once
+``enclave_bridge`` is imported), checkpoints with orbax every
+``checkpoint_every`` steps (atomically; a rerun with the same workdir resumes
+from the latest checkpoint, also after Ctrl-C), logs a line every
+``log_every`` steps (step, loss, accuracy, examples/s), evaluates on the
+held-out split and writes ``WORKDIR/summary.json`` atomically.
+
+Randomness: one seed, split once into an init key and the trusted key; the
+data order is a pure function of ``(seed, step)`` and each step's trusted key
+is ``fold_in(trusted_key, step)``, so a resumed run repeats the exact batches
+and decompositions of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from asymml_jax import backends as bk
+from asymml_jax import data as data_lib
+from asymml_jax.decomposition import DecompositionConfig
+from asymml_jax.layers import NORMS
+from asymml_jax.models import MODELS, get_model
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Validated training settings (built from an ``ml_collections`` config).
+
+  Every field has a range; a value outside it raises ``ValueError`` naming the
+  field, before anything is written to the workdir.
+  """
+
+  model: str = "vgg11"
+  width: float = 1.0
+  norm: str = "batch"
+  dataset: str = "mnist5k"
+  data_dir: str = ""
+  backend: str = "inline"
+  batch_size: int = 64
+  num_epochs: float = 10.0
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.0
+  warmup_steps: int = 50
+  seed: int = 0
+  log_every: int = 50
+  checkpoint_every: int = 200
+  eval_batch_size: int = 250
+  augment_flip: bool = False
+  augment_crop: int = 0
+  decomposition: DecompositionConfig = DecompositionConfig()
+  max_steps: int = 0  # 0: no cap beyond num_epochs
+
+  def __post_init__(self):
+    def need(cond: bool, msg: str):
+      if not cond:
+        raise ValueError(f"config: {msg}")
+    need(self.model in MODELS, f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+    need(0 < self.width <= 4, f"width must be in (0, 4], got {self.width}")
+    need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+    need(1 <= self.batch_size <= 65536, f"batch_size must be in [1, 65536], got {self.batch_size}")
+    need(0 < self.num_epochs <= 10000, f"num_epochs must be in (0, 10000], got {self.num_epochs}")
+    need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+    need(0 < self.learning_rate <= 10, f"learning_rate must be in (0, 10], got {self.learning_rate}")
+    need(0 <= self.weight_decay < 1, f"weight_decay must be in [0, 1), got {self.weight_decay}")
+    need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+    need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+    need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+    need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+    need(self.augment_crop >= 0, f"augment_crop must be >= 0, got {self.augment_crop}")
+    need(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any]) -> "TrainConfig":
+    """Builds from an ``ml_collections.ConfigDict`` (or dict); unknown keys are errors."""
+    cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    dec = cfg.pop("decomposition", {}) or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(cfg) - known - {"privacy", "bridge"})
+    if extra:
+      raise ValueError(f"config: unknown keys {extra}; known: {sorted(known)}")
+    cfg = {k: v for k, v in cfg.items() if k in known}
+    if isinstance(dec, DecompositionConfig):
+      decomposition = dec
+    else:
+      decomposition = DecompositionConfig(**dict(dec))
+    return cls(decomposition=decomposition, **cfg)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Public training state: step, weights, batch statistics, optimizer state."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  """Warm-up + cosine schedule with Adam(W) or SGD with momentum."""
+  warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1))
+  if cfg.optimizer == "adam":
+    return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                     optax.sgd(schedule, momentum=0.9, nesterov=True))
+
+
+def create_state(model, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  variables = model.init(key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"],
+                    opt_state=tx.init(variables["params"]))
+
+
+def make_update_fn(tx: optax.GradientTransformation) -> Callable:
+  """Jitted optimizer step: ``(state, grads, new_stats) -> state``."""
+  @jax.jit
+  def update(state: TrainState, grads, new_stats) -> TrainState:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1,
+                         params=optax.apply_updates(state.params, updates),
+                         batch_stats=new_stats, opt_state=opt_state)
+  return update
+
+
+def evaluate(backend: bk.Backend, state: TrainState, images: np.ndarray,
+             labels: np.ndarray, batch_size: int) -> dict[str, float]:
+  """Accuracy and mean loss over a split (padded batches, masked)."""
+  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  for i, batch in enumerate(data_lib.eval_batches(images, labels, batch_size)):
+    m = backend.evaluate(state.params, state.batch_stats, batch, i)
+    for k in totals:
+      totals[k] += float(m[k])
+  n = max(totals["count"], 1.0)
+  return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n,
+          "count": int(totals["count"])}
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  if dataclasses.is_dataclass(x):
+    return dataclasses.asdict(x)
+  return str(x)
+
+
+def _log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
+                       backend_options: Mapping[str, Any] | None = None,
+                       log: Callable[[str], None] = _log) -> dict[str, Any]:
+  """Trains, checkpoints, evaluates and writes ``workdir/summary.json``.
+
+  Args:
+    config: a ``TrainConfig`` or an ``ml_collections`` config with its fields.
+    workdir: output directory (checkpoints under ``workdir/checkpoints``).
+    backend_options: extra keyword arguments for the backend factory.
+    log: where progress lines go.
+
+  Returns:
+    The summary dict that was written.
+  """
+  cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_config(config)
+  ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir or None)
+  model = get_model(cfg.model, num_classes=ds.num_classes, input_shape=ds.image_shape,
+                    width=cfg.width, norm=cfg.norm)
+  n_train = ds.train_images.shape[0]
+  if cfg.batch_size > n_train:
+    raise ValueError(f"config: batch_size {cfg.batch_size} exceeds the {n_train} training examples")
+  steps_per_epoch = n_train // cfg.batch_size
+  total_steps = max(1, int(math.ceil(cfg.num_epochs * steps_per_epoch)))
+  if cfg.max_steps:
+    total_steps = min(total_steps, cfg.max_steps)
+
+  root = jax.random.key(cfg.seed)
+  init_key, trusted_key = jax.random.split(root)
+  backend = bk.make_backend(cfg.backend, model, key=trusted_key, batch_size=cfg.batch_size,
+                            decomposition=cfg.decomposition, **dict(backend_options or {}))
+  tx = make_optimizer(cfg, total_steps)
+  state = create_state(model, tx, init_key)
+  update = make_update_fn(tx)
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=2, create=True))
+  start = 0
+  if mngr.latest_step() is not None:
+    start = int(mngr.latest_step())
+    state = mngr.restore(start, args=ocp.args.StandardRestore(state))
+    log(f"resumed from checkpoint at step {start}")
+
+  log(backend.plan.table() if cfg.backend != "dense" else
+      f"plan: dense backend (everything on the untrusted device)")
+  log(f"training {cfg.model} on {ds.name} ({n_train} examples) with backend "
+      f"{cfg.backend}: {total_steps} steps of batch {cfg.batch_size}")
+
+  aug_rng = np.random.default_rng([cfg.seed, 1])
+  t_start = time.perf_counter()
+  t_window, n_window, window = time.perf_counter(), 0, []
+  completed = start  # steps whose update is in `state`
+  try:
+    with backend:
+      batches = data_lib.train_batches(ds.train_images, ds.train_labels, cfg.batch_size,
+                                       seed=cfg.seed, start_step=start)
+      for step, batch in batches:
+        if step >= total_steps:
+          break
+        if cfg.augment_flip or cfg.augment_crop:
+          batch = data_lib.augment(batch, np.random.default_rng([cfg.seed, 2, step]),
+                                   flip=cfg.augment_flip, crop_pad=cfg.augment_crop)
+        loss, grads, new_stats, metrics = backend.grads(
+            state.params, state.batch_stats, batch, step)
+        state = update(state, grads, new_stats)
+        completed = step + 1
+        window.append((float(loss), float(metrics["correct"]), float(metrics["count"])))
+        n_window += cfg.batch_size
+        done = step + 1
+        if not np.isfinite(window[-1][0]):
+          raise FloatingPointError(f"loss became {window[-1][0]} at step {step}")
+        if done % cfg.log_every == 0 or done == total_steps:
+          dt = time.perf_counter() - t_window
+          loss_m = float(np.mean([w[0] for w in window]))
+          acc = sum(w[1] for w in window) / max(1.0, sum(w[2] for w in window))
+          log(f"step {done}/{total_steps}  loss {loss_m:.4f}  train_acc {acc:.4f}  "
+              f"{n_window / max(dt, 1e-9):.1f} examples/s")
+          t_window, n_window, window = time.perf_counter(), 0, []
+        if done % cfg.checkpoint_every == 0 or done == total_steps:
+          mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+      train_seconds = time.perf_counter() - t_start
+      ev = evaluate(backend, state, ds.test_images, ds.test_labels, cfg.eval_batch_size)
+  except KeyboardInterrupt:
+    if completed > start and mngr.latest_step() != completed:
+      print(f"interrupted: saving a checkpoint at step {completed}", flush=True)
+      mngr.save(completed, args=ocp.args.StandardSave(state), force=True)
+    mngr.wait_until_finished()
+    raise
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+
+  summary = {
+      "backend": cfg.backend,
+      "model": cfg.model,
+      "dataset": ds.name,
+      "test_accuracy": ev["accuracy"],
+      "test_loss": ev["loss"],
+      "test_examples": ev["count"],
+      "steps": int(total_steps),
+      "resumed_from": start,
+      "batch_size": cfg.batch_size,
+      "wall_seconds": time.perf_counter() - t_start,
+      "train_seconds_this_run": train_seconds,
+      "epsilon": float("inf"),
+      "plan": backend.plan.to_dict(),
+      "config": dataclasses.asdict(cfg),
+  }
+  extra = getattr(backend, "summary_extras", None)
+  if callable(extra):
+    summary.update(extra())
+  write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  log(f"test_accuracy {ev['accuracy']:.4f} on {ev['count']} held-out examples "
+      f"({cfg.backend}, {summary['wall_seconds']:.1f} s)")
+  return summary

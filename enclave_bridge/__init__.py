@@ -1,0 +1,1 @@
+"""The process boundary: enclave host, bridge client, ledger, sealing, launcher."""

