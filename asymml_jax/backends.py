@@ -74,11 +74,7 @@ def _struct(tree):
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def batch_struct(model: StagedModel, batch_size: int) -> dict:
-  """Shapes of a batch dict for ``model``."""
-  return {"image": jax.ShapeDtypeStruct((batch_size, *model.input_shape), jnp.float32),
-          "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-          "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+batch_struct = st.batch_struct
 
 
 # --------------------------------------------------------------- in-program
@@ -206,10 +202,22 @@ class HostBackend(Backend):
                residual_dtype: Any = None):
     self.name, self.model, self.plan = name, model, plan
     self._residual_dtype = residual_dtype
+    self._fault: BaseException | None = None
+
+    def guard(fn):
+      def call(*args):
+        try:
+          return fn(*args)
+        except BaseException as e:
+          self._fault = e  # re-raised, typed, outside the jitted program
+          raise
+      return call
+    host_forward = guard(lambda *a: self._host_forward(*a))
+    host_backward = guard(lambda *a: self._host_backward(*a))
 
     def grad_fn(params, stats, tag, batch_size):
       hook = CallbackHook(model, plan, batch_struct(model, batch_size), tag, True,
-                          self._host_forward, self._host_backward)
+                          host_forward, host_backward)
       (l, (new_stats, metrics)), g = jax.value_and_grad(
           lambda p: st.run_untrusted(model, plan, p, stats, hook, residual_dtype),
           has_aux=True)(params)
@@ -217,7 +225,7 @@ class HostBackend(Backend):
 
     def eval_fn(params, stats, tag, batch_size):
       hook = CallbackHook(model, plan, batch_struct(model, batch_size), tag, False,
-                          self._host_forward, self._host_backward)
+                          host_forward, host_backward)
       return st.run_untrusted(model, plan, params, stats, hook, residual_dtype)[1][1]
 
     self._grad = jax.jit(grad_fn, static_argnames="batch_size")
@@ -238,20 +246,26 @@ class HostBackend(Backend):
   def _end(self, tag: int) -> None:
     """Drops step ``tag``'s trusted state (stages without gradients never see a backward)."""
 
+  def _run(self, fn, tag: int, *args, **kwargs):
+    self._fault = None
+    try:
+      return jax.block_until_ready(fn(*args, **kwargs))
+    except Exception as e:
+      fault, self._fault = self._fault, None
+      if fault is not None and fault is not e:
+        raise fault from None  # the typed error a trusted-side callback raised
+      raise
+    finally:
+      self._end(tag)
+
   def grads(self, params, stats, batch, step):
     n = self._begin(int(step), batch, True)
-    try:
-      return jax.block_until_ready(self._grad(params, stats, jnp.int32(step), batch_size=n))
-    finally:
-      self._end(int(step))
+    return self._run(self._grad, int(step), params, stats, jnp.int32(step), batch_size=n)
 
   def evaluate(self, params, stats, batch, index):
     tag = -1 - int(index)
     n = self._begin(tag, batch, False)
-    try:
-      return jax.block_until_ready(self._eval(params, stats, jnp.int32(tag), batch_size=n))
-    finally:
-      self._end(tag)
+    return self._run(self._eval, tag, params, stats, jnp.int32(tag), batch_size=n)
 
 
 class LocalBackend(HostBackend):
@@ -282,12 +296,27 @@ class LocalBackend(HostBackend):
 # ------------------------------------------------------------------ registry
 BackendFactory = Callable[..., Backend]
 _REGISTRY: dict[str, BackendFactory] = {}
+_DATA_INFO: dict[str, Callable[[Mapping[str, Any]], dict]] = {}
 PROCESS_BACKENDS = ("enclave", "tee_only")
 
 
-def register_backend(name: str, factory: BackendFactory) -> None:
-  """Registers ``factory(model, plan, key, **options) -> Backend`` under ``name``."""
+def register_backend(name: str, factory: BackendFactory,
+                     data_info: Callable[[Mapping[str, Any]], dict] | None = None) -> None:
+  """Registers ``factory(model, plan, key, **options) -> Backend`` under ``name``.
+
+  ``data_info(options)``, for backends whose trusted side holds the data set,
+  returns its public description (``name``, ``image_shape``, ``num_classes``,
+  ``num_train``, ``num_test``) so the untrusted side never loads samples.
+  """
   _REGISTRY[name] = factory
+  if data_info is not None:
+    _DATA_INFO[name] = data_info
+
+
+def backend_data_info(name: str, options: Mapping[str, Any]) -> dict | None:
+  """The public data description of a backend that owns its data, else ``None``."""
+  fn = _DATA_INFO.get(name)
+  return None if fn is None else fn(options)
 
 
 def available_backends() -> tuple[str, ...]:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 Scope = Literal["per_sample", "per_batch"]
+OVERSAMPLE = 2
 SCOPES: tuple[str, ...] = ("per_sample", "per_batch")
 
 
@@ -151,18 +152,20 @@ def energy_rank(energies: jax.Array, total: jax.Array, tau: float,
 
 
 def _basis(x2d: jax.Array, q0: jax.Array, num_iters: int, tau: float,
-           min_rank: int) -> tuple[jax.Array, jax.Array]:
+           min_rank: int, r_max: int) -> tuple[jax.Array, jax.Array]:
   q = subspace_iteration(x2d, q0, num_iters)
   q, energies = rayleigh_ritz(x2d, q)
+  q, energies = q[:, :r_max], energies[:r_max]  # drop the oversampling columns
   rank = energy_rank(energies, jnp.sum(x2d * x2d), tau, min_rank)
-  mask = jnp.arange(q.shape[1]) < rank
+  mask = jnp.arange(r_max) < rank
   return q * mask[None, :].astype(q.dtype), rank
 
 
 def principal_channels(x: jax.Array, key: jax.Array, r_max: int, *,
                        tau: float = 0.0, num_iters: int = 2,
                        scope: str = "per_sample", min_rank: int = 1,
-                       q0: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                       q0: jax.Array | None = None,
+                       oversample: int = OVERSAMPLE) -> tuple[jax.Array, jax.Array]:
   """Finds the principal channels ``U`` of a batch of NHWC activations.
 
   Args:
@@ -173,7 +176,11 @@ def principal_channels(x: jax.Array, key: jax.Array, r_max: int, *,
     num_iters: subspace iterations.
     scope: ``per_sample`` or ``per_batch``.
     min_rank: lower bound on the chosen rank.
-    q0: optional warm start, ``(B, C, r_max)`` or ``(C, r_max)`` by scope.
+    q0: optional warm start, ``(B, C, k)`` or ``(C, k)`` by scope, with
+      ``r_max <= k <= C`` columns (extra columns act as oversampling).
+    oversample: extra start columns when ``q0`` is None (randomised range
+      finder practice: the top ``r_max`` Ritz vectors of an ``r_max + p`` block
+      are far more reliable per sample than those of an ``r_max`` block).
 
   Returns:
     ``(u, rank)``; ``u`` is treated as a constant (``stop_gradient``), which is
@@ -185,15 +192,16 @@ def principal_channels(x: jax.Array, key: jax.Array, r_max: int, *,
   if not 1 <= r_max <= c:
     raise ValueError(f"r_max must be in [1, C={c}], got {r_max}")
   xs = jax.lax.stop_gradient(x).astype(jnp.float32)
+  cols = min(c, r_max + max(0, oversample))
   if scope == "per_sample":
     if q0 is None:
-      q0 = jax.random.normal(key, (b, c, r_max), jnp.float32)
-    u, rank = jax.vmap(_basis, in_axes=(0, 0, None, None, None))(
-        xs.reshape(b, h * w, c), q0, num_iters, tau, min_rank)
+      q0 = jax.random.normal(key, (b, c, cols), jnp.float32)
+    u, rank = jax.vmap(_basis, in_axes=(0, 0, None, None, None, None))(
+        xs.reshape(b, h * w, c), q0, num_iters, tau, min_rank, r_max)
   else:
     if q0 is None:
-      q0 = jax.random.normal(key, (c, r_max), jnp.float32)
-    u, rank = _basis(xs.reshape(b * h * w, c), q0, num_iters, tau, min_rank)
+      q0 = jax.random.normal(key, (c, cols), jnp.float32)
+    u, rank = _basis(xs.reshape(b * h * w, c), q0, num_iters, tau, min_rank, r_max)
   return jax.lax.stop_gradient(u.astype(x.dtype)), rank
 
 

@@ -196,3 +196,41 @@ def inline_loss(model: StagedModel, plan: Plan, params: Tree, stats: Tree,
   """Loss of the whole split network in one traced program (``dense``/``inline``)."""
   hook = InlineHook(model, plan, batch, step_key(key, step), train)
   return run_untrusted(model, plan, params, stats, hook, residual_dtype)
+
+
+def batch_struct(model: StagedModel, batch_size: int) -> dict:
+  """Shapes of a batch dict (``image``, ``label``, ``mask``) for ``model``."""
+  return {"image": jax.ShapeDtypeStruct((batch_size, *model.input_shape), jnp.float32),
+          "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+          "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+
+
+def stage_signatures(model: StagedModel, plan: Plan, batch_size: int, train: bool,
+                     residual_dtype: Any = None) -> list[dict[str, Any]]:
+  """Abstract inputs and outputs of every trusted stage (no FLOPs).
+
+  Returns:
+    One dict per stage with the shapes of ``yr``, ``params``, ``stats`` (inputs
+    from the untrusted side) and ``rs``, ``loss``, ``metrics``, ``new_stats``
+    (outputs to it): what a process boundary must expect on each call.
+  """
+  key = jax.random.key(0)
+  variables = jax.eval_shape(model.init, key)
+  params, stats = variables["params"], variables["batch_stats"]
+  batch = batch_struct(model, batch_size)
+  priv: Any = empty_private()
+  yr: Any = {}
+  sigs = []
+  for k in range(model.num_stages):
+    pk, sk = stage_params(model, params, k), stage_stats(stats, k)
+
+    def f(pk, sk, yr, priv, batch, key, k=k):
+      return trusted_stage(model, plan, k, pk, sk, yr, priv, batch, key, train)
+    (rs, priv, loss), (new_stats, metrics) = jax.eval_shape(f, pk, sk, yr, priv, batch, key)
+    sigs.append({"yr": yr, "params": pk, "stats": sk, "rs": rs, "loss": loss,
+                 "metrics": metrics, "new_stats": new_stats})
+    if k < model.num_stages - 1:
+      yr = jax.eval_shape(
+          lambda cp, rs, k=k: untrusted_group(model, plan, k, cp, rs, residual_dtype),
+          params["convs"], rs)
+  return sigs

@@ -68,6 +68,9 @@ class TrainConfig:
   augment_crop: int = 0
   decomposition: DecompositionConfig = DecompositionConfig()
   max_steps: int = 0  # 0: no cap beyond num_epochs
+  # Options for the process backends (enclave, tee_only): sealed_path, key_path,
+  # mode, threads, arena_mb, ... (see enclave_bridge).
+  bridge: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     def need(cond: bool, msg: str):
@@ -94,10 +97,12 @@ class TrainConfig:
     cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     dec = cfg.pop("decomposition", {}) or {}
     known = {f.name for f in dataclasses.fields(cls)}
-    extra = sorted(set(cfg) - known - {"privacy", "bridge"})
+    extra = sorted(set(cfg) - known - {"privacy"})
     if extra:
       raise ValueError(f"config: unknown keys {extra}; known: {sorted(known)}")
     cfg = {k: v for k, v in cfg.items() if k in known}
+    if "bridge" in cfg:
+      cfg["bridge"] = dict(cfg["bridge"] or {})
     if isinstance(dec, DecompositionConfig):
       decomposition = dec
     else:
@@ -144,11 +149,20 @@ def make_update_fn(tx: optax.GradientTransformation) -> Callable:
   return update
 
 
-def evaluate(backend: bk.Backend, state: TrainState, images: np.ndarray,
-             labels: np.ndarray, batch_size: int) -> dict[str, float]:
-  """Accuracy and mean loss over a split (padded batches, masked)."""
+def evaluate(backend: bk.Backend, state: TrainState, images: np.ndarray | None,
+             labels: np.ndarray | None, batch_size: int,
+             num_examples: int | None = None) -> dict[str, float]:
+  """Accuracy and mean loss over a split (padded batches, masked).
+
+  With ``images=None`` the backend's trusted side owns the data and builds eval
+  batch ``i`` itself; ``num_examples`` then says how many there are.
+  """
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-  for i, batch in enumerate(data_lib.eval_batches(images, labels, batch_size)):
+  if images is None:
+    batches = [None] * (-(-int(num_examples) // batch_size))
+  else:
+    batches = data_lib.eval_batches(images, labels, batch_size)
+  for i, batch in enumerate(batches):
     m = backend.evaluate(state.params, state.batch_stats, batch, i)
     for k in totals:
       totals[k] += float(m[k])
@@ -202,10 +216,20 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
     The summary dict that was written.
   """
   cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_config(config)
-  ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir or None)
-  model = get_model(cfg.model, num_classes=ds.num_classes, input_shape=ds.image_shape,
-                    width=cfg.width, norm=cfg.norm)
-  n_train = ds.train_images.shape[0]
+  options = dict(backend_options or {})
+  info = bk.backend_data_info(cfg.backend, cfg.bridge)
+  if info is None:  # the data set is loaded here (dense, inline, local)
+    ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir or None)
+    info = {"name": ds.name, "image_shape": ds.image_shape, "num_classes": ds.num_classes,
+            "num_train": len(ds.train_labels), "num_test": len(ds.test_labels)}
+  else:  # the trusted side owns the data; only its public description is here
+    ds = None
+    options = {**dict(cfg.bridge), "seed": cfg.seed, "eval_batch_size": cfg.eval_batch_size,
+               "augment_flip": cfg.augment_flip, "augment_crop": cfg.augment_crop,
+               **options}
+  model = get_model(cfg.model, num_classes=int(info["num_classes"]),
+                    input_shape=tuple(info["image_shape"]), width=cfg.width, norm=cfg.norm)
+  n_train = int(info["num_train"])
   if cfg.batch_size > n_train:
     raise ValueError(f"config: batch_size {cfg.batch_size} exceeds the {n_train} training examples")
   steps_per_epoch = n_train // cfg.batch_size
@@ -216,7 +240,7 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
   root = jax.random.key(cfg.seed)
   init_key, trusted_key = jax.random.split(root)
   backend = bk.make_backend(cfg.backend, model, key=trusted_key, batch_size=cfg.batch_size,
-                            decomposition=cfg.decomposition, **dict(backend_options or {}))
+                            decomposition=cfg.decomposition, **options)
   tx = make_optimizer(cfg, total_steps)
   state = create_state(model, tx, init_key)
   update = make_update_fn(tx)
@@ -233,7 +257,7 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
 
   log(backend.plan.table() if cfg.backend != "dense" else
       f"plan: dense backend (everything on the untrusted device)")
-  log(f"training {cfg.model} on {ds.name} ({n_train} examples) with backend "
+  log(f"training {cfg.model} on {info['name']} ({n_train} examples) with backend "
       f"{cfg.backend}: {total_steps} steps of batch {cfg.batch_size}")
 
   aug_rng = np.random.default_rng([cfg.seed, 1])
@@ -242,12 +266,15 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
   completed = start  # steps whose update is in `state`
   try:
     with backend:
-      batches = data_lib.train_batches(ds.train_images, ds.train_labels, cfg.batch_size,
-                                       seed=cfg.seed, start_step=start)
+      if ds is not None:
+        batches = data_lib.train_batches(ds.train_images, ds.train_labels, cfg.batch_size,
+                                         seed=cfg.seed, start_step=start)
+      else:  # the enclave samples step `s`'s batch itself
+        batches = ((s, None) for s in range(start, total_steps))
       for step, batch in batches:
         if step >= total_steps:
           break
-        if cfg.augment_flip or cfg.augment_crop:
+        if batch is not None and (cfg.augment_flip or cfg.augment_crop):
           batch = data_lib.augment(batch, np.random.default_rng([cfg.seed, 2, step]),
                                    flip=cfg.augment_flip, crop_pad=cfg.augment_crop)
         loss, grads, new_stats, metrics = backend.grads(
@@ -269,7 +296,11 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
         if done % cfg.checkpoint_every == 0 or done == total_steps:
           mngr.save(done, args=ocp.args.StandardSave(state), force=True)
       train_seconds = time.perf_counter() - t_start
-      ev = evaluate(backend, state, ds.test_images, ds.test_labels, cfg.eval_batch_size)
+      ev = evaluate(backend, state, None if ds is None else ds.test_images,
+                    None if ds is None else ds.test_labels, cfg.eval_batch_size,
+                    num_examples=int(info["num_test"]))
+      extra = getattr(backend, "summary_extras", None)
+      extras = extra() if callable(extra) else {}
   except KeyboardInterrupt:
     if completed > start and mngr.latest_step() != completed:
       print(f"interrupted: saving a checkpoint at step {completed}", flush=True)
@@ -283,7 +314,7 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
   summary = {
       "backend": cfg.backend,
       "model": cfg.model,
-      "dataset": ds.name,
+      "dataset": info["name"],
       "test_accuracy": ev["accuracy"],
       "test_loss": ev["loss"],
       "test_examples": ev["count"],
@@ -296,9 +327,7 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
       "plan": backend.plan.to_dict(),
       "config": dataclasses.asdict(cfg),
   }
-  extra = getattr(backend, "summary_extras", None)
-  if callable(extra):
-    summary.update(extra())
+  summary.update(extras)
   write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   log(f"test_accuracy {ev['accuracy']:.4f} on {ev['count']} held-out examples "
       f"({cfg.backend}, {summary['wall_seconds']:.1f} s)")

@@ -1,1 +1,40 @@
-"""The process boundary: enclave host, bridge client, ledger, sealing, launcher."""
+"""The process boundary: enclave host, bridge client, ledger, sealing, launcher.
+
+Importing this package registers the ``enclave`` and ``tee_only`` backends
+with :mod:`asymml_jax.backends` (the library never imports the bridge).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from asymml_jax import backends as _backends
+
+
+def sealed_data_info(options: Mapping[str, Any]) -> dict:
+  """Public description of the sealed data set named by ``options['sealed_path']``."""
+  from enclave_bridge import seal
+  path = options.get("sealed_path")
+  if not path:
+    raise ValueError("the enclave backends need config.bridge.sealed_path (a data set "
+                     "sealed with `python -m enclave_bridge.seal`)")
+  header = seal.read_header(str(path))
+  arrays = {a["name"]: a for a in header["arrays"]}
+  return {"name": header["name"], "num_classes": int(header["num_classes"]),
+          "image_shape": tuple(arrays["train_images"]["shape"][1:]),
+          "num_train": int(arrays["train_labels"]["shape"][0]),
+          "num_test": int(arrays["test_labels"]["shape"][0])}
+
+
+def _enclave(model, plan, key, **options):
+  from enclave_bridge.client import EnclaveBackend
+  return EnclaveBackend(model, plan, key, **options)
+
+
+def _tee_only(model, plan, key, **options):
+  from enclave_bridge.client import TeeOnlyBackend
+  return TeeOnlyBackend(model, plan, key, **options)
+
+
+_backends.register_backend("enclave", _enclave, data_info=sealed_data_info)
+_backends.register_backend("tee_only", _tee_only, data_info=sealed_data_info)

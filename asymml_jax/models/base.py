@@ -54,6 +54,7 @@ class StagedModel:
     stages: ``S_0 .. S_n``.
     groups: ``G_0 .. G_{n-1}``.
     norm: ``batch``, ``group`` or ``none`` (for the privacy validator).
+    width: the channel multiplier it was built with (to rebuild it elsewhere).
   """
 
   name: str
@@ -62,6 +63,7 @@ class StagedModel:
   stages: tuple[nn.Module, ...]
   groups: tuple[tuple[ConvSpec, ...], ...]
   norm: str = "batch"
+  width: float = 1.0
 
   def __post_init__(self):
     if len(self.groups) != len(self.stages) - 1:

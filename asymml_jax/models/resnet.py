@@ -127,4 +127,4 @@ def resnet(name: str, *, num_classes: int = 10, input_shape=(32, 32, 3),
                                   num_classes=num_classes))
       cin, b = cout, b + 1
   return StagedModel(name=name, input_shape=(h, w, c), num_classes=num_classes,
-                     stages=tuple(stages), groups=tuple(groups), norm=norm)
+                     stages=tuple(stages), groups=tuple(groups), norm=norm, width=width)

@@ -71,4 +71,4 @@ def vgg(name: str, *, num_classes: int = 10, input_shape=(32, 32, 3),
                            num_classes=num_classes))
     cin, idx = cout, idx + 1
   return StagedModel(name=name, input_shape=(h, w, c), num_classes=num_classes,
-                     stages=tuple(stages), groups=tuple(groups), norm=norm)
+                     stages=tuple(stages), groups=tuple(groups), norm=norm, width=width)

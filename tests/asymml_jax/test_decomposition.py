@@ -141,9 +141,11 @@ def test_photo_tiles_are_real_and_varied():
 def test_subspace_iteration_captures_99_percent_of_svd_energy_on_photos(r):
   """Acceptance criterion: >= 99% of the energy of the exact rank-r SVD.
 
-  Energy is summed over all 128 tiles of the four photographs (and the median
-  tile must reach it too).  Measured with this seed: 0.998-0.9999.  A random
-  orthonormal U of the same rank captures 10-70% of it, so the bound bites.
+  Energy is summed over all 128 samples of the four photographs (and the
+  median sample must reach it too).  Measured: 0.9996, 0.9973, 0.9982, 0.9993
+  for r = 1, 2, 4, 8 (one subspace iteration fails r = 1).  A random
+  orthonormal U of the same rank captures 7.5%, 13%, 26%, 51%, so the bound
+  bites.
   """
   captured, svd, random_u, _ = _photo_results()[r]
   assert np.all(captured <= svd * (1 + 1e-5))  # nothing beats the SVD
@@ -169,12 +171,9 @@ def test_residual_energy_falls_as_rank_grows_on_photos(photo):
   assert np.all(residual - svd_residual <= 0.01 * total)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Known limitation: no oversampling; with 2 iterations from a random start "
-    "without oversampling, a few tiles (a start nearly orthogonal to the top "
-    "subspace) capture far less than 99% of the SVD energy. The criterion "
-    "holds for the total energy of the photographs, not for every tile."))
-def test_every_photo_tile_captures_99_percent_of_svd_energy():
+# With two oversampling columns every sample, not just the total, reaches 99%
+# (before oversampling 13 of 512 sample-ranks fell short, the worst at 0.972).
+def test_every_photo_sample_captures_99_percent_of_svd_energy():
   for r in RANKS:
     captured, svd, _, _ = _photo_results()[r]
     assert np.all(captured >= 0.99 * svd), (r, np.min(captured / svd))

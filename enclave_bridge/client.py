@@ -1,0 +1,342 @@
+"""The untrusted side of the bridge: a client and the ``enclave`` / ``tee_only`` backends.
+
+:class:`BridgeClient` sends validated frames over the control socket, puts
+tensors in the shared-memory arena, checks every reply against the boundary
+ledger and the shapes it expects, and turns a dead or hung enclave into a
+typed error (:class:`EnclaveDied`, :class:`EnclaveTimeout`) within a bounded
+time instead of a hang.
+
+:class:`EnclaveBackend` is :class:`asymml_jax.backends.HostBackend` over the
+bridge: one jitted untrusted program per step whose inputs are the step number
+and the public weights; each trusted stage is a ``jax.custom_vjp`` whose
+forward and backward call the enclave.  :class:`TeeOnlyBackend` runs the whole
+model in the enclave (the TEE-only baseline).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from asymml_jax import backends as bk
+from asymml_jax import stages as st
+from asymml_jax.models.base import StagedModel
+from asymml_jax.plan import Plan
+from enclave_bridge import ledger as lg
+from enclave_bridge import protocol as pr
+from enclave_bridge.transport import Arena, Channel, ChannelClosed
+
+Op = pr.Op
+
+
+class EnclaveDied(RuntimeError):
+  """The enclave process exited or closed the connection."""
+
+
+class EnclaveTimeout(RuntimeError):
+  """The enclave did not answer within the call timeout."""
+
+
+class BridgeClient:
+  """Request/reply calls to the enclave process.
+
+  Args:
+    socket_path: the enclave's control socket.
+    alive: returns False once the enclave process is gone (for fast failure).
+    region_bytes: size of each arena region.
+    call_timeout: seconds one call may take before :class:`EnclaveTimeout`.
+    recorder: optional ``recorder(kind, payload)`` called with every received
+      frame (``"frame"``, bytes) and tensor (``"tensor"``, (desc, array)).
+  """
+
+  def __init__(self, socket_path: str, *, alive: Callable[[], bool] = lambda: True,
+               region_bytes: int = 256 << 20, call_timeout: float = 600.0,
+               connect_timeout: float = 60.0,
+               recorder: Callable[[str, Any], None] | None = None):
+    self.alive, self.call_timeout, self.recorder = alive, call_timeout, recorder
+    self.channel = Channel.connect(socket_path, timeout=connect_timeout)
+    self.arena = Arena.create(region_bytes)
+    self.seq = 0
+    self.traffic_out, self.traffic_in = lg.Traffic(), lg.Traffic()
+    self.timing = {"calls": 0, "call_s": 0.0, "server_s": 0.0, "compute_s": 0.0,
+                   "client_copy_s": 0.0}
+
+  def _recv(self) -> bytes:
+    deadline = time.monotonic() + self.call_timeout
+    while True:
+      try:
+        return self.channel.recv(timeout=0.25)
+      except socket.timeout:
+        if not self.alive():
+          raise EnclaveDied("the enclave process has exited") from None
+        if time.monotonic() > deadline:
+          raise EnclaveTimeout(f"no answer from the enclave within {self.call_timeout:.0f} s") from None
+      except (ChannelClosed, ConnectionError) as e:
+        raise EnclaveDied(f"the enclave closed the connection ({e})") from None
+
+  def call(self, op: Op, *, tag: int = 0, stage: int = 0, meta: Mapping | None = None,
+           parts: tuple = (), expect: Mapping[str, Any] | None = None
+           ) -> tuple[dict, dict[str, Any]]:
+    """One request/reply.
+
+    Args:
+      parts: ``(prefix, class, tree)`` triples to send.
+      expect: ``{prefix: template}`` the reply's tensors must match exactly.
+
+    Returns:
+      ``(reply metadata, {prefix: rebuilt tree})``.
+    """
+    t0 = time.perf_counter()
+    items = []
+    for prefix, cls, tree in parts:
+      lg.check(cls, lg.TO_ENCLAVE)
+      for name, leaf in pr.flatten(tree, prefix).items():
+        items.append((name, cls, np.asarray(leaf)))
+    descs = self.arena.write("request", items)
+    for d in descs:
+      self.traffic_out.record(d.cls, d.nbytes)
+    seq = self.seq
+    self.seq += 1
+    t1 = time.perf_counter()
+    self.channel.send(pr.encode(pr.Message(op, seq, tag, stage, dict(meta or {}), descs)))
+    body = self._recv()
+    t2 = time.perf_counter()
+    if self.recorder is not None:
+      self.recorder("frame", body)
+    msg = pr.decode(body)
+    if msg.op == Op.ERROR:
+      pr.raise_error(msg)
+    if msg.op != Op.REPLY or msg.seq != seq:
+      raise pr.OutOfOrder(f"reply {msg.op.name} #{msg.seq} to request #{seq}")
+    rdescs = {d.name: d for d in msg.tensors}
+    expect = dict(expect or {})
+    for prefix, template in expect.items():
+      pr.check_against(template, prefix, rdescs)
+    known = set().union(*[set(pr.flatten(t, p)) for p, t in expect.items()]) if expect else set()
+    if set(rdescs) - known:
+      raise pr.UndeclaredTensor(f"unexpected reply tensors {sorted(set(rdescs) - known)[:5]}")
+    values = {}
+    for d in msg.tensors:
+      lg.check(d.cls, lg.TO_UNTRUSTED)
+      arr = self.arena.read("reply", d)
+      values[d.name] = arr
+      self.traffic_in.record(d.cls, d.nbytes)
+      if self.recorder is not None:
+        self.recorder("tensor", (d, arr))
+    t3 = time.perf_counter()
+    tm = self.timing
+    tm["calls"] += 1
+    tm["call_s"] += t3 - t0
+    tm["server_s"] += float(msg.meta.get("server_s", 0.0))
+    tm["compute_s"] += float(msg.meta.get("compute_s", 0.0))
+    tm["client_copy_s"] += (t1 - t0) + (t3 - t2)
+    return msg.meta, {p: pr.rebuild(t, p, values) for p, t in expect.items()}
+
+  def close(self) -> None:
+    try:
+      self.channel.send(pr.encode(pr.Message(Op.SHUTDOWN, self.seq, 0, 0, {}, ())))
+      self.seq += 1
+      self.channel.sock.settimeout(2.0)
+      self.channel.recv(timeout=2.0)
+    except Exception:  # noqa: BLE001 - best effort on the way out
+      pass
+    self.channel.close()
+    self.arena.close()
+
+
+# ------------------------------------------------------------------ backends
+def _hello_config(backend: str, model: StagedModel, plan: Plan, options: Mapping) -> dict:
+  return {"backend": backend, "model": model.name, "width": model.width, "norm": model.norm,
+          "decomposition": dict(plan.decomposition.__dict__),
+          "batch_size": plan.batch_size,
+          "eval_batch_size": int(options.get("eval_batch_size", plan.batch_size)),
+          "seed": int(options.get("seed", 0)),
+          "augment_flip": bool(options.get("augment_flip", False)),
+          "augment_crop": int(options.get("augment_crop", 0)),
+          "residual_dtype": str(options.get("residual_dtype_name", "float32")),
+          "modes": {s: p.mode for s, p in plan.sites.items()}}
+
+
+class _EnclaveConnection:
+  """Starts (or attaches to) the enclave process and says HELLO."""
+
+  def _connect(self, backend: str, model: StagedModel, plan: Plan, options: Mapping):
+    from enclave_bridge import launcher
+    opts = dict(options)
+    self._workdir = opts.get("workdir") or tempfile.mkdtemp(prefix="asymml-enclave-")
+    os.makedirs(self._workdir, exist_ok=True)
+    socket_path = opts.get("socket_path") or os.path.join(
+        tempfile.mkdtemp(prefix="asymml-sock-"), "enclave.sock")
+    for name in ("sealed_path", "key_path"):
+      if not opts.get(name):
+        raise ValueError(f"the {backend} backend needs bridge.{name} (see `python -m "
+                         "enclave_bridge.seal --help`)")
+      if not os.path.exists(opts[name]):
+        raise FileNotFoundError(f"bridge.{name}: {opts[name]} does not exist")
+    spec = launcher.EnclaveSpec(mode=opts.get("mode", "subprocess"), socket_path=socket_path,
+                                sealed_path=opts["sealed_path"], key_path=opts["key_path"],
+                                threads=int(opts.get("threads", 1)), workdir=self._workdir)
+    self.process = launcher.EnclaveProcess(spec).start(timeout=float(opts.get("start_timeout", 120)))
+    try:
+      self.client = BridgeClient(socket_path, alive=lambda: self.process.alive,
+                                 region_bytes=int(opts.get("arena_mb", 256)) << 20,
+                                 call_timeout=float(opts.get("call_timeout", 600)),
+                                 recorder=opts.get("recorder"))
+      hello = _hello_config(backend, model, plan, opts)
+      hello.update(arena=self.client.arena.name, region=self.client.arena.region)
+      self.info, _ = self.client.call(Op.HELLO, meta=hello)
+    except BaseException:
+      self.process.stop()
+      raise
+    if tuple(self.info["image_shape"]) != tuple(model.input_shape):
+      self.close()
+      raise ValueError(f"the sealed data has images of shape {self.info['image_shape']}, "
+                       f"the model expects {model.input_shape}")
+
+  def close(self) -> None:
+    client = getattr(self, "client", None)
+    if client is not None:
+      client.close()
+      self.client = None
+    proc = getattr(self, "process", None)
+    if proc is not None:
+      proc.stop()
+
+  def breakdown(self) -> dict[str, float]:
+    t = self.client.timing if getattr(self, "client", None) else {}
+    return dict(t)
+
+  def ledger_summary(self) -> dict[str, list]:
+    c = self.client
+    return {"to_enclave": c.traffic_out.summary(), "to_untrusted": c.traffic_in.summary()}
+
+  def traffic_classes(self) -> set[str]:
+    return self.client.traffic_in.classes() | self.client.traffic_out.classes()
+
+
+class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
+  """``enclave``: the trusted half in the enclave process, behind host callbacks."""
+
+  def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, **options):
+    del key  # the enclave derives its own key; the untrusted side never has it
+    residual_dtype = options.pop("residual_dtype", None)
+    if residual_dtype is not None:
+      options["residual_dtype_name"] = np.dtype(residual_dtype).name
+    bk.HostBackend.__init__(self, model, plan, name="enclave", residual_dtype=residual_dtype)
+    self._sigs: dict[tuple[bool, int], list] = {}
+    self._train_of: dict[int, bool] = {}
+    self._step_wall = 0.0
+    self._connect("enclave", model, plan, options)
+
+  def _signatures(self, train: bool, batch_size: int):
+    if (train, batch_size) not in self._sigs:
+      self._sigs[(train, batch_size)] = st.stage_signatures(
+          self.model, self.plan, batch_size, train, self._residual_dtype)
+    return self._sigs[(train, batch_size)]
+
+  def _begin(self, tag, batch, train):
+    if batch is not None:
+      raise ValueError("the enclave backend samples its own batches: pass batch=None")
+    meta, _ = self.client.call(Op.BEGIN, tag=tag, meta={"train": train,
+                                                       "index": -1 - tag if tag < 0 else 0})
+    self._train_of[tag] = (train, int(meta["batch_size"]))
+    return int(meta["batch_size"])
+
+  def _end(self, tag):
+    self._train_of.pop(tag, None)
+    if getattr(self, "client", None) is not None:
+      try:
+        self.client.call(Op.END, tag=tag)
+      except (EnclaveDied, EnclaveTimeout, pr.ProtocolError, OSError):
+        pass
+
+  def _host_forward(self, k, tag, yr, params_k, stats_k):
+    train, n = self._train_of[tag]
+    sig = self._signatures(train, n)[k]
+    expect = {"rs": sig["rs"], "stats": sig["new_stats"]}
+    if sig["loss"] is not None:
+      expect.update(loss=sig["loss"], metrics=sig["metrics"])
+    _, out = self.client.call(
+        Op.FORWARD, tag=tag, stage=k, expect=expect,
+        parts=(("yr", "conv_output_residual", yr), ("params", "public_weights", params_k),
+               ("stats", "public_batch_stats", stats_k)))
+    return (out["rs"] or {}, out.get("loss"), out.get("metrics"), out["stats"] or {})
+
+  def _host_backward(self, k, tag, drs, dloss):
+    train, n = self._train_of[tag]
+    sig = self._signatures(train, n)[k]
+    _, out = self.client.call(
+        Op.BACKWARD, tag=tag, stage=k,
+        expect={"dyr": sig["yr"], "dparams": sig["params"]},
+        parts=(("drs", "residual_gradient", drs),
+               ("dloss", "loss_gradient", np.asarray(dloss, np.float32))))
+    return out["dyr"] or {}, out["dparams"]
+
+  def grads(self, params, stats, batch, step):
+    t0 = time.perf_counter()
+    try:
+      return super().grads(params, stats, batch, step)
+    finally:
+      self._step_wall += time.perf_counter() - t0
+
+  def breakdown(self) -> dict[str, float]:
+    t = super().breakdown()
+    if not t:
+      return t
+    server_copy = max(0.0, t["server_s"] - t["compute_s"])
+    return {"steps_wall_s": self._step_wall,
+            "trusted_compute_s": t["compute_s"],
+            "transfer_s": t["client_copy_s"] + server_copy,
+            "waiting_s": max(0.0, t["call_s"] - t["server_s"] - t["client_copy_s"]),
+            "untrusted_compute_s": max(0.0, self._step_wall - t["call_s"]),
+            "bridge_calls": t["calls"]}
+
+  def summary_extras(self) -> dict:
+    return {"breakdown": self.breakdown(), "ledger": self.ledger_summary()}
+
+
+class TeeOnlyBackend(_EnclaveConnection, bk.Backend):
+  """``tee_only``: the whole model in the enclave process (the TEE-only baseline)."""
+
+  def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, **options):
+    del key
+    self.name, self.model, self.plan = "tee_only", model, plan
+    self._variables = jax.eval_shape(model.init, jax.random.key(0))
+    self._connect("tee_only", model, plan, options)
+
+  def _whole(self, params, stats, tag: int, train: bool):
+    self.client.call(Op.BEGIN, tag=tag, meta={"train": train,
+                                              "index": -1 - tag if tag < 0 else 0})
+    try:
+      v = self._variables
+      scalar = jax.ShapeDtypeStruct((), np.float32)
+      expect = {"metrics": {k: scalar for k in ("correct", "count", "loss_sum")}}
+      if train:
+        expect.update(loss=scalar, grads=v["params"], stats=v["batch_stats"])
+      _, out = self.client.call(Op.WHOLE_STEP, tag=tag, expect=expect,
+                                parts=(("params", "public_weights", params),
+                                       ("stats", "public_batch_stats", stats)))
+      return out
+    finally:
+      self.client.call(Op.END, tag=tag)
+
+  def grads(self, params, stats, batch, step):
+    if batch is not None:
+      raise ValueError("the tee_only backend samples its own batches: pass batch=None")
+    out = self._whole(jax.device_get(params), jax.device_get(stats), int(step), True)
+    return out["loss"], out["grads"], out["stats"] or {"stages": {}}, out["metrics"]
+
+  def evaluate(self, params, stats, batch, index):
+    if batch is not None:
+      raise ValueError("the tee_only backend samples its own batches: pass batch=None")
+    return self._whole(jax.device_get(params), jax.device_get(stats), -1 - int(index),
+                       False)["metrics"]
+
+  def summary_extras(self) -> dict:
+    return {"breakdown": self.breakdown(), "ledger": self.ledger_summary()}

@@ -1,0 +1,347 @@
+"""The enclave host process (DESIGN sections 2 and 6).
+
+``python -m enclave_bridge.server --socket=PATH --sealed=DATA --key=KEYFILE``
+
+It alone holds private data: it decrypts the sealed data set with the key
+file, samples every batch itself (the untrusted side only names a step), runs
+every trusted stage through :class:`asymml_jax.executor.TrustedExecutor`
+(decomposition, low-rank convolution, normalisation, ReLU, pooling,
+shortcuts, the head and the loss with the labels) and keeps per-step state
+keyed by ``(step, stage)``.  Requests arrive as validated frames
+(``protocol.py``) with tensors in the shared-memory arena (``transport.py``);
+every tensor is checked against the boundary ledger and against the shapes the
+enclave itself expects, before use.  Any refusal is a typed ``ERROR`` reply;
+the server never crashes or hangs on a bad frame.
+
+Its RNG key never leaves: it is derived from the sealing key and the run seed
+(HMAC-SHA256), so a restarted enclave repeats its decompositions while the
+untrusted side, which lacks the key, cannot predict them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from enclave_bridge import ledger as lg
+from enclave_bridge import protocol as pr
+from enclave_bridge.transport import Arena, Channel, ChannelClosed
+
+Op = pr.Op
+FINITE_CLASSES = {"conv_output_residual", "residual_gradient", "loss_gradient",
+                  "public_weights", "public_batch_stats"}
+
+
+def trusted_seed(seal_key: bytes, run_seed: int) -> int:
+  """The enclave's RNG seed: ``HMAC-SHA256(seal_key, "asymml-rng" || run_seed)``."""
+  mac = hmac.new(seal_key, b"asymml-rng" + int(run_seed).to_bytes(8, "big", signed=True),
+                 hashlib.sha256).digest()
+  return int.from_bytes(mac[:8], "big") & ((1 << 63) - 1)
+
+
+class EnclaveServer:
+  """Request handler of the enclave; :meth:`handle` maps a frame to a reply frame."""
+
+  def __init__(self, dataset, seal_key: bytes):
+    self.ds = dataset
+    self._seal_key = seal_key
+    self.next_seq = 0
+    self.arena: Arena | None = None
+    self.cfg: dict[str, Any] | None = None
+    self.traffic_in = lg.Traffic()
+    self.traffic_out = lg.Traffic()
+    self.compute_seconds = 0.0
+    self.copy_seconds = 0.0
+    self.calls = 0
+    self.shutdown = False
+
+  # ------------------------------------------------------------------ frames
+  def handle(self, body: bytes) -> bytes:
+    """Never raises: every failure becomes a typed ``ERROR`` reply."""
+    seq = tag = stage = 0
+    try:
+      msg = pr.decode(body)
+      seq, tag, stage = msg.seq, msg.tag, msg.stage
+      if msg.op not in pr.REQUEST_OPS:
+        raise pr.UnknownOp(f"{msg.op.name} is not a request")
+      if msg.seq != self.next_seq:
+        raise pr.OutOfOrder(f"sequence number {msg.seq}, expected {self.next_seq} "
+                            "(replayed or reordered frame)")
+      self.next_seq += 1
+      if self.cfg is None and msg.op not in (Op.HELLO, Op.SHUTDOWN):
+        raise pr.StateError("HELLO must come first")
+      t0 = time.perf_counter()
+      meta, tensors = getattr(self, f"_on_{msg.op.name.lower()}")(msg)
+      self.calls += 1
+      meta = dict(meta, server_s=time.perf_counter() - t0)
+      return pr.encode(pr.Message(Op.REPLY, msg.seq, msg.tag, msg.stage, meta, tensors))
+    except Exception as e:  # noqa: BLE001 - every failure is a typed reply
+      if isinstance(e, (KeyError, AttributeError)) and not isinstance(e, pr.ProtocolError):
+        e = pr.EnclaveFailure(f"{type(e).__name__}: {e}")
+      try:
+        from asymml_jax.executor import ExecutorError
+        if isinstance(e, ExecutorError):
+          e = pr.StateError(str(e))
+      except ImportError:  # pragma: no cover
+        pass
+      return pr.encode(pr.error_message(seq, tag, stage, e))
+
+  def _read(self, msg: pr.Message, templates: dict[str, Any]) -> dict[str, Any]:
+    """Validates and copies in the request's tensors; rebuilds them as ``templates``."""
+    descs = {d.name: d for d in msg.tensors}
+    for prefix, template in templates.items():
+      pr.check_against(template, prefix, descs)
+    known = set().union(*[set(pr.flatten(t, p)) for p, t in templates.items()]) if templates else set()
+    extra = set(descs) - known
+    if extra:
+      raise pr.UndeclaredTensor(f"unexpected tensors {sorted(extra)[:5]}")
+    t0 = time.perf_counter()
+    values = {}
+    for d in msg.tensors:
+      lg.check(d.cls, lg.TO_ENCLAVE)
+      arr = self.arena.read("request", d)  # private copy, then checks
+      if d.cls in FINITE_CLASSES and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise pr.NonFinite(f"{d.name}: NaN or Inf from the untrusted side")
+      values[d.name] = arr
+      self.traffic_in.record(d.cls, d.nbytes)
+    self.copy_seconds += time.perf_counter() - t0
+    return {p: pr.rebuild(t, p, values) for p, t in templates.items()}
+
+  def _write(self, parts: list[tuple[str, str, Any]]) -> tuple[pr.TensorDesc, ...]:
+    t0 = time.perf_counter()
+    items = []
+    for prefix, cls, tree in parts:
+      lg.check(cls, lg.TO_UNTRUSTED)
+      for name, leaf in pr.flatten(tree, prefix).items():
+        items.append((name, cls, np.asarray(leaf)))
+    descs = self.arena.write("reply", items)
+    for d in descs:
+      self.traffic_out.record(d.cls, d.nbytes)
+    self.copy_seconds += time.perf_counter() - t0
+    return descs
+
+  # ---------------------------------------------------------------- handlers
+  def _on_hello(self, msg: pr.Message):
+    import jax
+    from asymml_jax import backends as bk
+    from asymml_jax import stages as st
+    from asymml_jax.decomposition import DecompositionConfig
+    from asymml_jax.executor import TrustedExecutor
+    from asymml_jax.models import get_model
+    if self.cfg is not None:
+      raise pr.StateError("HELLO was already received")
+    c = msg.meta
+    try:
+      backend = str(c["backend"])
+      if backend not in ("enclave", "tee_only"):
+        raise pr.StateError(f"backend must be enclave or tee_only, got {backend!r}")
+      model = get_model(str(c["model"]), num_classes=self.ds.num_classes,
+                        input_shape=self.ds.image_shape, width=float(c["width"]),
+                        norm=str(c["norm"]))
+      decomposition = DecompositionConfig(**dict(c["decomposition"]))
+      batch_size, eval_bs = int(c["batch_size"]), int(c["eval_batch_size"])
+      if not 1 <= batch_size <= len(self.ds.train_labels) or eval_bs < 1:
+        raise ValueError(f"batch sizes {batch_size}, {eval_bs} out of range")
+      seed = int(c["seed"])
+      residual_dtype = {"float32": None, "bfloat16": "bfloat16"}[str(c.get("residual_dtype", "float32"))]
+      self.arena = Arena.attach(str(c["arena"]), int(c["region"]))
+    except (KeyError, TypeError, ValueError) as e:
+      raise pr.MalformedFrame(f"bad HELLO config: {type(e).__name__}: {e}") from None
+    plan = bk.make_plan_for(backend, model, batch_size, decomposition)
+    client_modes = c.get("modes")
+    modes = {s: p.mode for s, p in plan.sites.items()}
+    if client_modes is not None and client_modes != modes:
+      raise pr.StateError(f"the untrusted side planned {client_modes}, the enclave {modes}")
+    key = jax.random.key(trusted_seed(self._seal_key, seed))
+    self.model, self.plan, self.seed = model, plan, seed
+    self.batch_size, self.eval_bs, self.backend = batch_size, eval_bs, backend
+    self.augment = (bool(c.get("augment_flip", False)), int(c.get("augment_crop", 0)))
+    self.executor = TrustedExecutor(model, plan, key)
+    self.sigs = {True: st.stage_signatures(model, plan, batch_size, True, residual_dtype),
+                 False: st.stage_signatures(model, plan, eval_bs, False, residual_dtype)}
+    self.train_tags: dict[int, bool] = {}
+    if backend == "tee_only":
+      self.whole = bk.InlineBackend(model, plan, key, name="tee_only")
+      self.variables = jax.eval_shape(model.init, key)
+    self.cfg = dict(c)
+    return ({"num_train": int(len(self.ds.train_labels)),
+             "num_test": int(len(self.ds.test_labels)),
+             "image_shape": list(self.ds.image_shape), "num_classes": self.ds.num_classes,
+             "modes": modes, "pid": os.getpid()}, ())
+
+  def _batch(self, tag: int, train: bool, index: int) -> dict:
+    from asymml_jax import data
+    if train:
+      if tag < 0:
+        raise pr.StateError(f"training steps are >= 0, got {tag}")
+      _, batch = next(data.train_batches(self.ds.train_images, self.ds.train_labels,
+                                         self.batch_size, seed=self.seed, start_step=tag))
+      flip, crop = self.augment
+      if flip or crop:
+        batch = data.augment(batch, np.random.default_rng([self.seed, 2, tag]),
+                             flip=flip, crop_pad=crop)
+      return batch
+    n = len(self.ds.test_labels)
+    if not 0 <= index < -(-n // self.eval_bs):
+      raise pr.StateError(f"eval batch {index} out of range")
+    lo = index * self.eval_bs
+    sl = slice(lo, min(n, lo + self.eval_bs))
+    return next(data.eval_batches(self.ds.test_images[sl], self.ds.test_labels[sl],
+                                  self.eval_bs))
+
+  def _on_begin(self, msg: pr.Message):
+    train = bool(msg.meta.get("train", False))
+    index = int(msg.meta.get("index", 0))
+    batch = self._batch(msg.tag, train, index)
+    self.executor.end(msg.tag)
+    self.executor.begin(msg.tag, batch, train=train)
+    self.train_tags[msg.tag] = train
+    if self.backend == "tee_only":
+      self._whole_batch = (msg.tag, batch)
+    return {"batch_size": int(batch["image"].shape[0])}, ()
+
+  def _train_flag(self, tag: int) -> bool:
+    if tag not in self.train_tags:
+      raise pr.StateError(f"unknown step {tag}: BEGIN it first")
+    return self.train_tags[tag]
+
+  def _on_forward(self, msg: pr.Message):
+    k = msg.stage
+    train = self._train_flag(msg.tag)
+    if not 0 <= k < self.model.num_stages:
+      raise pr.StateError(f"stage {k} out of range")
+    sig = self.sigs[train][k]
+    ins = self._read(msg, {"yr": sig["yr"], "params": sig["params"], "stats": sig["stats"]})
+    t0 = time.perf_counter()
+    rs, loss, metrics, new_stats = self.executor.forward(
+        msg.tag, k, ins["yr"] or {}, ins["params"], ins["stats"] or {})
+    import jax
+    rs, loss, metrics, new_stats = jax.device_get((rs, loss, metrics, new_stats))
+    dt = time.perf_counter() - t0
+    self.compute_seconds += dt
+    out = [("rs", "activation_residual", rs), ("stats", "batch_statistics", new_stats)]
+    if loss is not None:
+      out += [("loss", "loss", loss), ("metrics", "metrics", metrics)]
+    return {"compute_s": dt}, self._write(out)
+
+  def _on_backward(self, msg: pr.Message):
+    k = msg.stage
+    if not self._train_flag(msg.tag):
+      raise pr.StateError(f"step {msg.tag} is an eval batch: no backward")
+    if not 0 <= k < self.model.num_stages:
+      raise pr.StateError(f"stage {k} out of range")
+    import jax
+    sig = self.sigs[True][k]
+    ins = self._read(msg, {"drs": sig["rs"],
+                           "dloss": jax.ShapeDtypeStruct((), np.float32)})
+    t0 = time.perf_counter()
+    dyr, dparams = jax.device_get(self.executor.backward(msg.tag, k, ins["drs"] or {},
+                                                         ins["dloss"]))
+    dt = time.perf_counter() - t0
+    self.compute_seconds += dt
+    return {"compute_s": dt}, self._write([("dyr", "output_gradient", dyr),
+                                           ("dparams", "trusted_weight_gradient", dparams)])
+
+  def _on_end(self, msg: pr.Message):
+    self.executor.end(msg.tag)
+    self.train_tags.pop(msg.tag, None)
+    return {}, ()
+
+  def _on_whole_step(self, msg: pr.Message):
+    import jax
+    if self.backend != "tee_only":
+      raise pr.StateError("WHOLE_STEP is the tee_only backend's")
+    train = self._train_flag(msg.tag)
+    tag, batch = self._whole_batch
+    if tag != msg.tag:
+      raise pr.StateError(f"step {msg.tag} was not begun")
+    v = self.variables
+    ins = self._read(msg, {"params": v["params"], "stats": v["batch_stats"]})
+    t0 = time.perf_counter()
+    if train:
+      loss, grads, new_stats, metrics = jax.device_get(
+          self.whole.grads(ins["params"], ins["stats"], batch, msg.tag))
+      out = [("loss", "loss", loss), ("grads", "whole_gradient", grads),
+             ("stats", "batch_statistics", new_stats), ("metrics", "metrics", metrics)]
+    else:
+      metrics = jax.device_get(self.whole.evaluate(ins["params"], ins["stats"], batch,
+                                                   -1 - msg.tag))
+      out = [("metrics", "metrics", metrics)]
+    dt = time.perf_counter() - t0
+    self.compute_seconds += dt
+    return {"compute_s": dt}, self._write(out)
+
+  def _on_stats(self, msg: pr.Message):
+    return {"compute_s_total": self.compute_seconds, "copy_s_total": self.copy_seconds,
+            "calls": self.calls, "traffic_in": self.traffic_in.summary(),
+            "traffic_out": self.traffic_out.summary(),
+            "open_steps": list(getattr(self, "executor", None).open_steps
+                               if getattr(self, "executor", None) else [])}, ()
+
+  def _on_shutdown(self, msg: pr.Message):
+    self.shutdown = True
+    return {}, ()
+
+  def close(self) -> None:
+    if self.arena is not None:
+      self.arena.close()
+
+
+def serve(server: EnclaveServer, channel: Channel) -> None:
+  """Answers frames until the peer goes away or asks to shut down."""
+  while not server.shutdown:
+    try:
+      body = channel.recv(timeout=None)
+    except (ChannelClosed, ConnectionError, OSError):
+      return
+    except pr.ProtocolError as e:  # an oversized length prefix: answer, then drop
+      channel.send(pr.encode(pr.error_message(0, 0, 0, e)))
+      return
+    channel.send(server.handle(body))
+
+
+def main(argv: list[str] | None = None) -> int:
+  import argparse
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--socket", required=True)
+  p.add_argument("--sealed", required=True)
+  p.add_argument("--key", required=True)
+  p.add_argument("--threads", type=int, default=1)
+  args = p.parse_args(argv)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from enclave_bridge import seal
+  try:
+    key = seal.read_key_file(args.key)
+    ds = seal.unseal_dataset(args.sealed, args.key)
+  except (seal.SealError, FileNotFoundError) as e:
+    print(f"enclave: cannot open the sealed data set: {e}", file=sys.stderr, flush=True)
+    return 2
+  server = EnclaveServer(ds, key)
+  if os.path.exists(args.socket):
+    os.unlink(args.socket)
+  listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+  listener.bind(args.socket)
+  os.chmod(args.socket, 0o600)
+  listener.listen(1)
+  print(f"enclave: ready on {args.socket} (pid {os.getpid()}, {len(ds.train_labels)} "
+        f"train / {len(ds.test_labels)} test samples)", file=sys.stderr, flush=True)
+  try:
+    conn, _ = listener.accept()
+    serve(server, Channel(conn))
+  finally:
+    server.close()
+    listener.close()
+    if os.path.exists(args.socket):
+      os.unlink(args.socket)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

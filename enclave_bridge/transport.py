@@ -1,0 +1,167 @@
+"""Control socket and shared-memory arena of the enclave bridge (DESIGN section 6).
+
+* :class:`Channel`: a Unix-domain stream socket carrying length-prefixed
+  frames (``protocol.py``), with a bounded frame size and timeouts.
+* :class:`Arena`: one POSIX shared-memory block created by the untrusted side
+  (it is untrusted memory) and split in two regions: requests (untrusted ->
+  enclave) and replies (enclave -> untrusted).  Tensors are written at 64-byte
+  aligned offsets and described by ``protocol.TensorDesc``.  The reader copies
+  a payload into private memory *before* validating it, so the untrusted side
+  cannot change it after the check (no time-of-check/time-of-use window).
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from multiprocessing import resource_tracker, shared_memory
+from typing import Iterable
+
+import numpy as np
+
+from enclave_bridge import protocol as pr
+
+ALIGN = 64
+
+
+class ChannelClosed(ConnectionError):
+  """The peer closed the socket (for the untrusted side: the enclave is gone)."""
+
+
+class Channel:
+  """Length-prefixed frames over a connected Unix stream socket."""
+
+  def __init__(self, sock: socket.socket):
+    self.sock = sock
+    self.bytes_sent = 0
+    self.bytes_received = 0
+
+  @classmethod
+  def connect(cls, path: str, timeout: float = 30.0) -> "Channel":
+    deadline = time.monotonic() + timeout
+    while True:
+      s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+      try:
+        s.connect(path)
+        return cls(s)
+      except (FileNotFoundError, ConnectionRefusedError):
+        s.close()
+        if time.monotonic() > deadline:
+          raise
+        time.sleep(0.05)
+
+  def send(self, body: bytes) -> None:
+    if len(body) > pr.MAX_FRAME:
+      raise pr.OversizedFrame(f"frame of {len(body)} bytes exceeds {pr.MAX_FRAME}")
+    data = pr.LENGTH.pack(len(body)) + body
+    self.sock.sendall(data)
+    self.bytes_sent += len(data)
+
+  def _recv_exact(self, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+      chunk = self.sock.recv(n - len(buf))
+      if not chunk:
+        raise ChannelClosed("connection closed by peer")
+      buf += chunk
+    return bytes(buf)
+
+  def recv(self, timeout: float | None = None) -> bytes:
+    """One frame body.  ``socket.timeout`` if nothing arrives within ``timeout``."""
+    self.sock.settimeout(timeout)
+    head = self._recv_exact(pr.LENGTH.size)
+    (n,) = pr.LENGTH.unpack(head)
+    if n > pr.MAX_FRAME:
+      raise pr.OversizedFrame(f"announced frame of {n} bytes exceeds {pr.MAX_FRAME}")
+    self.sock.settimeout(max(timeout or 0, 30.0))  # the body follows at once
+    body = self._recv_exact(n)
+    self.bytes_received += pr.LENGTH.size + n
+    return body
+
+  def close(self) -> None:
+    try:
+      self.sock.close()
+    except OSError:
+      pass
+
+
+class Arena:
+  """Shared-memory tensor arena with a request and a reply region."""
+
+  def __init__(self, shm: shared_memory.SharedMemory, region: int, owner: bool):
+    self.shm, self.region, self.owner = shm, region, owner
+    self.buf = shm.buf
+
+  @classmethod
+  def create(cls, region_bytes: int) -> "Arena":
+    region = int(math.ceil(region_bytes / ALIGN) * ALIGN)
+    shm = shared_memory.SharedMemory(create=True, size=2 * region)
+    return cls(shm, region, owner=True)
+
+  @classmethod
+  def attach(cls, name: str, region_bytes: int) -> "Arena":
+    shm = shared_memory.SharedMemory(name=name, create=False)
+    # Python < 3.13 registers attached blocks with the resource tracker, which
+    # would unlink the creator's block when this process exits.
+    try:
+      resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
+    except Exception:  # pragma: no cover - tracker details vary
+      pass
+    if shm.size < 2 * region_bytes:
+      shm.close()
+      raise pr.OutOfBounds(f"arena of {shm.size} bytes is smaller than 2 x {region_bytes}")
+    return cls(shm, region_bytes, owner=False)
+
+  @property
+  def name(self) -> str:
+    return self.shm.name
+
+  def _base(self, side: str) -> int:
+    if side == "request":
+      return 0
+    if side == "reply":
+      return self.region
+    raise ValueError(side)
+
+  def write(self, side: str, tensors: Iterable[tuple[str, str, np.ndarray]]
+            ) -> tuple[pr.TensorDesc, ...]:
+    """Copies ``(name, class, array)`` triples into ``side``; returns descriptors."""
+    base, pos, out = self._base(side), 0, []
+    for name, cls, arr in tensors:
+      a = np.ascontiguousarray(arr)
+      if a.dtype not in pr.DTYPE_CODES:
+        a = a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int32)
+      n = a.nbytes
+      if pos + n > self.region:
+        raise pr.OversizedFrame(
+            f"tensors need more than the arena's {self.region} bytes per region; "
+            "raise bridge.arena_mb")
+      self.buf[base + pos: base + pos + n] = a.reshape(-1).view(np.uint8)
+      out.append(pr.TensorDesc(name, cls, a.dtype, tuple(a.shape), pos, n))
+      pos += int(math.ceil(n / ALIGN) * ALIGN) if n else 0
+    return tuple(out)
+
+  def read(self, side: str, desc: pr.TensorDesc, *, copy: bool = True) -> np.ndarray:
+    """The tensor ``desc`` from ``side`` (a private copy unless ``copy=False``)."""
+    if desc.offset < 0 or desc.offset + desc.nbytes > self.region:
+      raise pr.OutOfBounds(f"{desc.name}: bytes [{desc.offset}, {desc.offset + desc.nbytes})"
+                           f" outside the {self.region}-byte region")
+    if desc.offset % ALIGN:
+      raise pr.OutOfBounds(f"{desc.name}: offset {desc.offset} is not {ALIGN}-byte aligned")
+    base = self._base(side) + desc.offset
+    view = np.frombuffer(self.buf, dtype=desc.dtype, count=int(np.prod(desc.shape)),
+                         offset=base).reshape(desc.shape)
+    return view.copy() if copy else view
+
+  def close(self) -> None:
+    self.buf = None
+    try:
+      self.shm.close()
+    except BufferError:  # pragma: no cover - a live numpy view; freed at exit
+      pass
+    if self.owner:
+      try:
+        self.shm.unlink()
+      except FileNotFoundError:
+        pass
