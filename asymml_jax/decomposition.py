@@ -25,6 +25,9 @@ import jax.numpy as jnp
 
 Scope = Literal["per_sample", "per_batch"]
 OVERSAMPLE = 2
+# Full float32 products (no TF32/bf16 passes on accelerators): X_L + R = X must
+# hold to float32 rounding on every backend.
+_HIGHEST = jax.lax.Precision.HIGHEST
 SCOPES: tuple[str, ...] = ("per_sample", "per_batch")
 
 
@@ -208,15 +211,15 @@ def principal_channels(x: jax.Array, key: jax.Array, r_max: int, *,
 def project(x: jax.Array, u: jax.Array) -> jax.Array:
   """Principal-channel maps ``P = U^T X`` in NHWC: ``(B, H, W, r)``."""
   if u.ndim == 3:
-    return jnp.einsum("bhwc,bcr->bhwr", x, u)
-  return jnp.einsum("bhwc,cr->bhwr", x, u)
+    return jnp.einsum("bhwc,bcr->bhwr", x, u, precision=_HIGHEST)
+  return jnp.einsum("bhwc,cr->bhwr", x, u, precision=_HIGHEST)
 
 
 def reconstruct(p: jax.Array, u: jax.Array) -> jax.Array:
   """Low-rank part ``X_L = U P`` in NHWC: ``(B, H, W, C)``."""
   if u.ndim == 3:
-    return jnp.einsum("bhwr,bcr->bhwc", p, u)
-  return jnp.einsum("bhwr,cr->bhwc", p, u)
+    return jnp.einsum("bhwr,bcr->bhwc", p, u, precision=_HIGHEST)
+  return jnp.einsum("bhwr,cr->bhwc", p, u, precision=_HIGHEST)
 
 
 def decompose(x: jax.Array, key: jax.Array, r_max: int, *, tau: float = 0.0,

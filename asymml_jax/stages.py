@@ -54,7 +54,7 @@ def stage_stats(stats: Tree, k: int) -> dict:
 
 def step_key(key: jax.Array, step) -> jax.Array:
   """The trusted RNG key of one step: ``fold_in(key, step)`` (DESIGN section 11)."""
-  return jax.random.fold_in(key, step)
+  return jax.random.fold_in(key, jnp.asarray(step, jnp.int32))
 
 
 def classification_loss(logits: jax.Array, labels: jax.Array,

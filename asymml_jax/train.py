@@ -332,3 +332,68 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
   log(f"test_accuracy {ev['accuracy']:.4f} on {ev['count']} held-out examples "
       f"({cfg.backend}, {summary['wall_seconds']:.1f} s)")
   return summary
+
+
+def evaluate_checkpoint(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
+                        dataset=None, backend_options: Mapping[str, Any] | None = None,
+                        log: Callable[[str], None] = _log) -> dict[str, Any]:
+  """Evaluates the latest checkpoint in ``workdir`` on a held-out split (inference).
+
+  Args:
+    config: the training config (model, backend, batch sizes, bridge options).
+    workdir: the training workdir (``workdir/checkpoints``).
+    dataset: a :class:`asymml_jax.data.Dataset` for in-process backends; the
+      process backends read their sealed data set themselves.
+    backend_options: extra backend options.
+
+  Returns:
+    ``accuracy``, ``loss``, ``count``, ``step`` and per-batch latencies (seconds).
+  """
+  cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_config(config)
+  options = dict(backend_options or {})
+  info = bk.backend_data_info(cfg.backend, cfg.bridge)
+  if info is None:
+    ds = dataset if dataset is not None else data_lib.load_dataset(cfg.dataset, cfg.data_dir or None)
+    info = {"name": ds.name, "image_shape": ds.image_shape, "num_classes": ds.num_classes,
+            "num_test": len(ds.test_labels)}
+  else:
+    ds = None
+    options = {**dict(cfg.bridge), "seed": cfg.seed, "eval_batch_size": cfg.eval_batch_size,
+               **options}
+  model = get_model(cfg.model, num_classes=int(info["num_classes"]),
+                    input_shape=tuple(info["image_shape"]), width=cfg.width, norm=cfg.norm)
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"no checkpoints in {workdir} (expected {ckpt_dir})")
+  tx = make_optimizer(cfg, 1)
+  abstract = jax.eval_shape(lambda: create_state(model, tx, jax.random.key(0)))
+  with ocp.CheckpointManager(ckpt_dir) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  root = jax.random.key(cfg.seed)
+  _, trusted_key = jax.random.split(root)
+  n_test = int(info["num_test"])
+  latencies: list[float] = []
+  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  with bk.make_backend(cfg.backend, model, key=trusted_key, batch_size=cfg.eval_batch_size,
+                       decomposition=cfg.decomposition, **options) as backend:
+    batches = ([None] * (-(-n_test // cfg.eval_batch_size)) if ds is None else
+               list(data_lib.eval_batches(ds.test_images, ds.test_labels, cfg.eval_batch_size)))
+    for i, batch in enumerate(batches):
+      t0 = time.perf_counter()
+      m = backend.evaluate(state.params, state.batch_stats, batch, i)
+      latencies.append(time.perf_counter() - t0)
+      for k in totals:
+        totals[k] += float(m[k])
+  n = max(totals["count"], 1.0)
+  result = {"backend": cfg.backend, "step": int(step), "accuracy": totals["correct"] / n,
+            "loss": totals["loss_sum"] / n, "count": int(totals["count"]),
+            "batch_size": cfg.eval_batch_size, "latency_s": latencies,
+            "median_latency_s": float(np.median(latencies)) if latencies else 0.0,
+            "median_latency_warm_s": float(np.median(latencies[1:])) if len(latencies) > 1 else 0.0}
+  log(f"accuracy {result['accuracy']:.4f} on {result['count']} examples ({cfg.backend}); "
+      f"per-batch latency median {result['median_latency_s'] * 1e3:.1f} ms "
+      f"(first batch, with compilation: {latencies[0] * 1e3:.0f} ms)")
+  return result

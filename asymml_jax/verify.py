@@ -11,7 +11,7 @@ gradient leaf (the worst leaf is reported).
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,9 @@ def random_batch(model: StagedModel, batch_size: int, seed: int = 0) -> dict[str
 def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int = 4,
             decomposition: DecompositionConfig = DecompositionConfig(),
             seed: int = 0, force: str | None = None,
-            backend_options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+            backend_options: Mapping[str, Mapping[str, Any]] | None = None,
+            prepare: Callable[[str, Mapping[str, Any]], Mapping[str, Any]] | None = None
+            ) -> dict[str, Any]:
   """Runs one batch through ``dense`` and every listed backend and compares.
 
   Args:
@@ -63,6 +65,9 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
     seed: parameters, batch and trusted key.
     force: optional plan override for the split backends (e.g. ``per_batch``).
     backend_options: per-backend factory options.
+    prepare: ``prepare(name, batch) -> options`` for backends whose trusted side
+      owns the data (``enclave``, ``tee_only``): it must make that side hold
+      exactly ``batch`` (e.g. seal it); such backends get ``batch=None``.
 
   Returns:
     ``{"model", "backends": [...], "max_rel_err_loss", "max_rel_err_grads"}``.
@@ -75,13 +80,18 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
   names = ["dense"] + [n for n in backend_names if n != "dense"]
   options = dict(backend_options or {})
   for name in names:
+    opts = dict(options.get(name, {}))
+    owns_data = name in bk.PROCESS_BACKENDS
+    if owns_data:
+      if prepare is None:
+        raise ValueError(f"backend {name!r} holds its own data: pass prepare=")
+      opts.update(prepare(name, batch))
     with bk.make_backend(name, model, key=trusted_key, batch_size=batch_size,
                          decomposition=decomposition,
-                         force=None if name == "dense" else force,
-                         **dict(options.get(name, {}))) as backend:
+                         force=None if name == "dense" else force, **opts) as backend:
       t0 = time.perf_counter()
       loss, grads, _, _ = backend.grads(variables["params"], variables["batch_stats"],
-                                        batch, 0)
+                                        None if owns_data else batch, 0)
       grads = jax.device_get(grads)
       results[name] = (float(loss), grads, time.perf_counter() - t0,
                        {s: p.mode for s, p in backend.plan.sites.items()})

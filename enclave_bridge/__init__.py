@@ -26,6 +26,34 @@ def sealed_data_info(options: Mapping[str, Any]) -> dict:
           "num_test": int(arrays["test_labels"]["shape"][0])}
 
 
+def verification_options(workdir: str, num_classes: int):
+  """A ``prepare`` hook for :func:`asymml_jax.verify.compare`: seals the batch.
+
+  The enclave then samples exactly that batch (in its own order) at step 0.
+  """
+  import os
+
+  import numpy as np
+
+  from asymml_jax.data import Dataset
+  from enclave_bridge import seal
+
+  def prepare(name: str, batch) -> dict:
+    d = os.path.join(workdir, name)
+    os.makedirs(d, exist_ok=True)
+    images = np.asarray(batch["image"], np.float32)
+    labels = np.asarray(batch["label"], np.int32)
+    ds = Dataset(name="verify-batch", train_images=images, train_labels=labels,
+                 test_images=images, test_labels=labels, num_classes=num_classes)
+    key = os.path.join(d, "key.bin")
+    if not os.path.exists(key):
+      seal.generate_key_file(key)
+    sealed = os.path.join(d, "batch.sealed")
+    seal.seal_dataset(ds, sealed, key)
+    return {"sealed_path": sealed, "key_path": key, "workdir": d}
+  return prepare
+
+
 def _enclave(model, plan, key, **options):
   from enclave_bridge.client import EnclaveBackend
   return EnclaveBackend(model, plan, key, **options)

@@ -285,6 +285,13 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
     finally:
       self._step_wall += time.perf_counter() - t0
 
+  def evaluate(self, params, stats, batch, index):
+    t0 = time.perf_counter()
+    try:
+      return super().evaluate(params, stats, batch, index)
+    finally:
+      self._step_wall += time.perf_counter() - t0
+
   def breakdown(self) -> dict[str, float]:
     t = super().breakdown()
     if not t:
@@ -298,7 +305,8 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
             "bridge_calls": t["calls"]}
 
   def summary_extras(self) -> dict:
-    return {"breakdown": self.breakdown(), "ledger": self.ledger_summary()}
+    return {"breakdown": self.breakdown(), "ledger": self.ledger_summary(),
+            "enclave": {"pid": self.info.get("pid"), "mode": "subprocess"}}
 
 
 class TeeOnlyBackend(_EnclaveConnection, bk.Backend):

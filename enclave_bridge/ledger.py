@@ -48,7 +48,7 @@ LEDGER: dict[str, TensorClass] = {c.name: c for c in [
                 "aggregate over the batch (running means and variances)",
                 "training with BatchNorm", "public model state"),
     TensorClass("loss", TO_UNTRUSTED, "scalar", "aggregate over the batch",
-                "training", "the value being minimised"),
+                "always", "the value being minimised"),
     TensorClass("metrics", TO_UNTRUSTED, "scalars (loss sum, correct, count)",
                 "aggregate over the batch", "always", "progress and accuracy"),
     TensorClass("whole_gradient", TO_UNTRUSTED, "shape of each parameter",
@@ -90,13 +90,13 @@ def expected_classes(backend: str, *, train: bool, batch_norm: bool,
     if train:
       out |= {"whole_gradient", "loss"} | ({"batch_statistics"} if batch_norm else set())
     return out
-  out = {"activation_residual", "metrics", "public_weights", "conv_output_residual"}
+  # Forward replies always carry the (possibly unchanged) statistics and, at the
+  # last stage, the loss and metrics.
+  out = {"activation_residual", "metrics", "loss", "public_weights", "conv_output_residual"}
   if batch_norm:
-    out.add("public_batch_stats")
+    out |= {"public_batch_stats", "batch_statistics"}
   if train:
-    out |= {"trusted_weight_gradient", "loss", "residual_gradient", "loss_gradient"}
-    if batch_norm:
-      out.add("batch_statistics")
+    out |= {"trusted_weight_gradient", "residual_gradient", "loss_gradient"}
     if gradient_protection == "none":
       out.add("output_gradient")
   return out

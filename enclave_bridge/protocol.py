@@ -3,7 +3,7 @@
 A frame on the control socket is ``u32 length`` followed by:
 
 ====================  =====================================================
-header (32 bytes)     ``!4sHHQqiII``: magic ``b"AEB1"``, version, op, seq,
+header (36 bytes)     ``!4sHHQqiII``: magic ``b"AEB1"``, version, op, seq,
                       tag (step; negative for eval batches), stage,
                       tensor count, metadata length
 metadata              UTF-8 JSON object (small: config, errors, timings)
@@ -213,7 +213,7 @@ def decode(body: bytes) -> Message:
     raise OversizedFrame(f"metadata of {meta_len} bytes exceeds {MAX_META}")
   try:
     meta = json.loads(r.take(meta_len).decode("utf-8")) if meta_len else {}
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+  except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, too deep, huge integers
     raise MalformedFrame(f"metadata is not JSON: {e}") from None
   if not isinstance(meta, dict):
     raise MalformedFrame("metadata must be a JSON object")

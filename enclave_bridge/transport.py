@@ -129,7 +129,7 @@ class Arena:
     """Copies ``(name, class, array)`` triples into ``side``; returns descriptors."""
     base, pos, out = self._base(side), 0, []
     for name, cls, arr in tensors:
-      a = np.ascontiguousarray(arr)
+      a = np.asarray(arr, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
       if a.dtype not in pr.DTYPE_CODES:
         a = a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int32)
       n = a.nbytes

@@ -6,6 +6,8 @@ Noise and clipping are off; the relative L2 error of the loss and of the worst
 gradient leaf against ``dense`` are printed and written to --json.
 """
 
+import tempfile
+
 from absl import app, flags
 
 from asymml_jax import verify
@@ -13,10 +15,7 @@ from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.models import get_model
 from asymml_jax.train import write_json_atomic
 
-try:  # the process backends (enclave, tee_only) register themselves on import
-  import enclave_bridge  # noqa: F401
-except ImportError:  # pragma: no cover - the bridge is part of this package
-  pass
+import enclave_bridge  # registers the process backends (enclave, tee_only)
 
 _MODEL = flags.DEFINE_string("model", "vgg11", "Model name.")
 _BACKENDS = flags.DEFINE_list("backends", ["dense", "inline", "local"], "Backends to compare.")
@@ -41,10 +40,12 @@ def main(argv):
       raise ValueError(f"--batch_size must be >= 1, got {_BATCH.value}")
     model = get_model(_MODEL.value, input_shape=(_SIZE.value, _SIZE.value, _CHANNELS.value),
                       width=_WIDTH.value, norm=_NORM.value)
-    result = verify.compare(
-        model, _BACKENDS.value, batch_size=_BATCH.value,
-        decomposition=DecompositionConfig(rank_fraction=_RANK.value, tau=_TAU.value),
-        seed=_SEED.value, force=_FORCE.value)
+    with tempfile.TemporaryDirectory(prefix="asymml-verify-") as tmp:
+      result = verify.compare(
+          model, _BACKENDS.value, batch_size=_BATCH.value,
+          decomposition=DecompositionConfig(rank_fraction=_RANK.value, tau=_TAU.value),
+          seed=_SEED.value, force=_FORCE.value,
+          prepare=enclave_bridge.verification_options(tmp, model.num_classes))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   for r in result["backends"]:

@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_dir = ""
   c.backend = "inline"      # dense | inline | local | enclave | tee_only
   c.batch_size = 64
-  c.num_epochs = 8.0
+  c.num_epochs = 10.0
   c.max_steps = 0
   c.optimizer = "adam"
   c.learning_rate = 2e-3
@@ -27,8 +27,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100
   c.eval_batch_size = 250
   c.augment_flip = False
-  c.augment_crop = 0
+  c.augment_crop = 2        # random shifts of up to 2 pixels (zero padding)
   c.decomposition = ml_collections.ConfigDict(dict(
       rank_fraction=1.0 / 16.0, max_rank=None, min_rank=1, tau=0.1, num_iters=2,
       scope="per_sample"))
+  # Process backends (enclave, tee_only): the sealed data set and its key file
+  # (`make demo` creates both), how to start the enclave, its CPU threads and
+  # the size of each shared-memory region.
+  c.bridge = ml_collections.ConfigDict(dict(
+      sealed_path="runs/demo/mnist5k.sealed", key_path="runs/demo/key.bin",
+      mode="subprocess", threads=1, arena_mb=64, call_timeout=600.0, workdir=""))
   return c

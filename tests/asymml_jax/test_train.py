@@ -49,6 +49,13 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
   for key in ("backend", "model", "test_accuracy", "steps", "wall_seconds", "plan"):
     assert key in on_disk
   assert any("examples/s" in l for l in lines_a)
+  # Inference from the checkpoint reproduces the held-out evaluation.
+  inf = train.evaluate_checkpoint(train.TrainConfig(**BASE), str(tmp_path / "a"), log=lambda _: None)
+  assert inf["step"] == 7 and inf["count"] == 500
+  assert inf["accuracy"] == pytest.approx(a["test_accuracy"])
+  assert len(inf["latency_s"]) == 2  # 500 examples in batches of 250
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    train.evaluate_checkpoint(train.TrainConfig(**BASE), str(tmp_path / "nothing"))
 
   def interrupt_at_step_4(line: str):
     if line.startswith("step 4/"):
