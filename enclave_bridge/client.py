@@ -30,7 +30,7 @@ from asymml_jax.models.base import StagedModel
 from asymml_jax.plan import Plan
 from enclave_bridge import ledger as lg
 from enclave_bridge import protocol as pr
-from enclave_bridge.transport import Arena, Channel, ChannelClosed
+from enclave_bridge.transport import Arena, Channel, ChannelClosed, receive, send_parts
 
 Op = pr.Op
 
@@ -87,24 +87,24 @@ class BridgeClient:
 
     Args:
       parts: ``(prefix, class, tree)`` triples to send.
-      expect: ``{prefix: template}`` the reply's tensors must match exactly.
+      expect: ``{prefix: (ledger class, template)}`` the reply's tensors must match
+        exactly.
 
     Returns:
       ``(reply metadata, {prefix: rebuilt tree})``.
     """
     t0 = time.perf_counter()
-    items = []
-    for prefix, cls, tree in parts:
-      lg.check(cls, lg.TO_ENCLAVE)
-      for name, leaf in pr.flatten(tree, prefix).items():
-        items.append((name, cls, np.asarray(leaf)))
-    descs = self.arena.write("request", items)
-    for d in descs:
-      self.traffic_out.record(d.cls, d.nbytes)
+    descs = send_parts(self.arena, "request", parts, lg.TO_ENCLAVE, self.traffic_out)
     seq = self.seq
     self.seq += 1
     t1 = time.perf_counter()
-    self.channel.send(pr.encode(pr.Message(op, seq, tag, stage, dict(meta or {}), descs)))
+    frame = pr.encode(pr.Message(op, seq, tag, stage, dict(meta or {}), descs))
+    try:
+      self.channel.send(frame)
+    except socket.timeout:
+      raise EnclaveTimeout("the enclave stopped reading requests") from None
+    except OSError as e:  # EPIPE / ECONNRESET: the enclave is gone
+      raise EnclaveDied(f"the enclave closed the connection ({e})") from None
     body = self._recv()
     t2 = time.perf_counter()
     if self.recorder is not None:
@@ -114,21 +114,8 @@ class BridgeClient:
       pr.raise_error(msg)
     if msg.op != Op.REPLY or msg.seq != seq:
       raise pr.OutOfOrder(f"reply {msg.op.name} #{msg.seq} to request #{seq}")
-    rdescs = {d.name: d for d in msg.tensors}
-    expect = dict(expect or {})
-    for prefix, template in expect.items():
-      pr.check_against(template, prefix, rdescs)
-    known = set().union(*[set(pr.flatten(t, p)) for p, t in expect.items()]) if expect else set()
-    if set(rdescs) - known:
-      raise pr.UndeclaredTensor(f"unexpected reply tensors {sorted(set(rdescs) - known)[:5]}")
-    values = {}
-    for d in msg.tensors:
-      lg.check(d.cls, lg.TO_UNTRUSTED)
-      arr = self.arena.read("reply", d)
-      values[d.name] = arr
-      self.traffic_in.record(d.cls, d.nbytes)
-      if self.recorder is not None:
-        self.recorder("tensor", (d, arr))
+    out = receive(self.arena, "reply", msg.tensors, dict(expect or {}), lg.TO_UNTRUSTED,
+                  self.traffic_in, recorder=self.recorder)
     t3 = time.perf_counter()
     tm = self.timing
     tm["calls"] += 1
@@ -136,7 +123,7 @@ class BridgeClient:
     tm["server_s"] += float(msg.meta.get("server_s", 0.0))
     tm["compute_s"] += float(msg.meta.get("compute_s", 0.0))
     tm["client_copy_s"] += (t1 - t0) + (t3 - t2)
-    return msg.meta, {p: pr.rebuild(t, p, values) for p, t in expect.items()}
+    return msg.meta, out
 
   def close(self) -> None:
     try:
@@ -184,7 +171,7 @@ class _EnclaveConnection:
                                 threads=int(opts.get("threads", 1)), workdir=self._workdir)
     self.process = launcher.EnclaveProcess(spec).start(timeout=float(opts.get("start_timeout", 120)))
     try:
-      self.client = BridgeClient(socket_path, alive=lambda: self.process.alive,
+      self.client = BridgeClient(socket_path, alive=lambda: self.process.alive(),
                                  region_bytes=int(opts.get("arena_mb", 256)) << 20,
                                  call_timeout=float(opts.get("call_timeout", 600)),
                                  recorder=opts.get("recorder"))
@@ -259,9 +246,10 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
   def _host_forward(self, k, tag, yr, params_k, stats_k):
     train, n = self._train_of[tag]
     sig = self._signatures(train, n)[k]
-    expect = {"rs": sig["rs"], "stats": sig["new_stats"]}
+    expect = {"rs": ("activation_residual", sig["rs"]),
+              "stats": ("batch_statistics", sig["new_stats"])}
     if sig["loss"] is not None:
-      expect.update(loss=sig["loss"], metrics=sig["metrics"])
+      expect.update(loss=("loss", sig["loss"]), metrics=("metrics", sig["metrics"]))
     _, out = self.client.call(
         Op.FORWARD, tag=tag, stage=k, expect=expect,
         parts=(("yr", "conv_output_residual", yr), ("params", "public_weights", params_k),
@@ -273,7 +261,8 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
     sig = self._signatures(train, n)[k]
     _, out = self.client.call(
         Op.BACKWARD, tag=tag, stage=k,
-        expect={"dyr": sig["yr"], "dparams": sig["params"]},
+        expect={"dyr": ("output_gradient", sig["yr"]),
+                "dparams": ("trusted_weight_gradient", sig["params"])},
         parts=(("drs", "residual_gradient", drs),
                ("dloss", "loss_gradient", np.asarray(dloss, np.float32))))
     return out["dyr"] or {}, out["dparams"]
@@ -324,9 +313,10 @@ class TeeOnlyBackend(_EnclaveConnection, bk.Backend):
     try:
       v = self._variables
       scalar = jax.ShapeDtypeStruct((), np.float32)
-      expect = {"metrics": {k: scalar for k in ("correct", "count", "loss_sum")}}
+      expect = {"metrics": ("metrics", {k: scalar for k in ("correct", "count", "loss_sum")})}
       if train:
-        expect.update(loss=scalar, grads=v["params"], stats=v["batch_stats"])
+        expect.update(loss=("loss", scalar), grads=("whole_gradient", v["params"]),
+                      stats=("batch_statistics", v["batch_stats"]))
       _, out = self.client.call(Op.WHOLE_STEP, tag=tag, expect=expect,
                                 parts=(("params", "public_weights", params),
                                        ("stats", "public_batch_stats", stats)))

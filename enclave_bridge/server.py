@@ -32,11 +32,11 @@ import numpy as np
 
 from enclave_bridge import ledger as lg
 from enclave_bridge import protocol as pr
-from enclave_bridge.transport import Arena, Channel, ChannelClosed
+from enclave_bridge.transport import Arena, Channel, ChannelClosed, receive, send_parts
 
 Op = pr.Op
-FINITE_CLASSES = {"conv_output_residual", "residual_gradient", "loss_gradient",
-                  "public_weights", "public_batch_stats"}
+# Every tensor from the untrusted side is checked finite (weights, statistics,
+# residual convolutions and gradients alike) before the enclave uses it.
 
 
 def trusted_seed(seal_key: bytes, run_seed: int) -> int:
@@ -93,37 +93,17 @@ class EnclaveServer:
         pass
       return pr.encode(pr.error_message(seq, tag, stage, e))
 
-  def _read(self, msg: pr.Message, templates: dict[str, Any]) -> dict[str, Any]:
-    """Validates and copies in the request's tensors; rebuilds them as ``templates``."""
-    descs = {d.name: d for d in msg.tensors}
-    for prefix, template in templates.items():
-      pr.check_against(template, prefix, descs)
-    known = set().union(*[set(pr.flatten(t, p)) for p, t in templates.items()]) if templates else set()
-    extra = set(descs) - known
-    if extra:
-      raise pr.UndeclaredTensor(f"unexpected tensors {sorted(extra)[:5]}")
+  def _read(self, msg: pr.Message, expect: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """Validates and copies in the request's tensors (``{prefix: (class, template)}``)."""
     t0 = time.perf_counter()
-    values = {}
-    for d in msg.tensors:
-      lg.check(d.cls, lg.TO_ENCLAVE)
-      arr = self.arena.read("request", d)  # private copy, then checks
-      if d.cls in FINITE_CLASSES and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        raise pr.NonFinite(f"{d.name}: NaN or Inf from the untrusted side")
-      values[d.name] = arr
-      self.traffic_in.record(d.cls, d.nbytes)
+    out = receive(self.arena, "request", msg.tensors, expect, lg.TO_ENCLAVE,
+                  self.traffic_in, finite=True)
     self.copy_seconds += time.perf_counter() - t0
-    return {p: pr.rebuild(t, p, values) for p, t in templates.items()}
+    return out
 
   def _write(self, parts: list[tuple[str, str, Any]]) -> tuple[pr.TensorDesc, ...]:
     t0 = time.perf_counter()
-    items = []
-    for prefix, cls, tree in parts:
-      lg.check(cls, lg.TO_UNTRUSTED)
-      for name, leaf in pr.flatten(tree, prefix).items():
-        items.append((name, cls, np.asarray(leaf)))
-    descs = self.arena.write("reply", items)
-    for d in descs:
-      self.traffic_out.record(d.cls, d.nbytes)
+    descs = send_parts(self.arena, "reply", parts, lg.TO_UNTRUSTED, self.traffic_out)
     self.copy_seconds += time.perf_counter() - t0
     return descs
 
@@ -151,9 +131,13 @@ class EnclaveServer:
         raise ValueError(f"batch sizes {batch_size}, {eval_bs} out of range")
       seed = int(c["seed"])
       residual_dtype = {"float32": None, "bfloat16": "bfloat16"}[str(c.get("residual_dtype", "float32"))]
-      self.arena = Arena.attach(str(c["arena"]), int(c["region"]))
-    except (KeyError, TypeError, ValueError) as e:
+      region = int(c["region"])
+      if region <= 0 or region % 64:
+        raise ValueError(f"region must be a positive multiple of 64 bytes, got {region}")
+      arena = Arena.attach(str(c["arena"]), region)
+    except (KeyError, TypeError, ValueError, OSError) as e:
       raise pr.MalformedFrame(f"bad HELLO config: {type(e).__name__}: {e}") from None
+    self.arena = arena
     plan = bk.make_plan_for(backend, model, batch_size, decomposition)
     client_modes = c.get("modes")
     modes = {s: p.mode for s, p in plan.sites.items()}
@@ -218,7 +202,9 @@ class EnclaveServer:
     if not 0 <= k < self.model.num_stages:
       raise pr.StateError(f"stage {k} out of range")
     sig = self.sigs[train][k]
-    ins = self._read(msg, {"yr": sig["yr"], "params": sig["params"], "stats": sig["stats"]})
+    ins = self._read(msg, {"yr": ("conv_output_residual", sig["yr"]),
+                           "params": ("public_weights", sig["params"]),
+                           "stats": ("public_batch_stats", sig["stats"])})
     t0 = time.perf_counter()
     rs, loss, metrics, new_stats = self.executor.forward(
         msg.tag, k, ins["yr"] or {}, ins["params"], ins["stats"] or {})
@@ -239,8 +225,8 @@ class EnclaveServer:
       raise pr.StateError(f"stage {k} out of range")
     import jax
     sig = self.sigs[True][k]
-    ins = self._read(msg, {"drs": sig["rs"],
-                           "dloss": jax.ShapeDtypeStruct((), np.float32)})
+    ins = self._read(msg, {"drs": ("residual_gradient", sig["rs"]),
+                           "dloss": ("loss_gradient", jax.ShapeDtypeStruct((), np.float32))})
     t0 = time.perf_counter()
     dyr, dparams = jax.device_get(self.executor.backward(msg.tag, k, ins["drs"] or {},
                                                          ins["dloss"]))
@@ -263,7 +249,8 @@ class EnclaveServer:
     if tag != msg.tag:
       raise pr.StateError(f"step {msg.tag} was not begun")
     v = self.variables
-    ins = self._read(msg, {"params": v["params"], "stats": v["batch_stats"]})
+    ins = self._read(msg, {"params": ("public_weights", v["params"]),
+                           "stats": ("public_batch_stats", v["batch_stats"])})
     t0 = time.perf_counter()
     if train:
       loss, grads, new_stats, metrics = jax.device_get(

@@ -16,13 +16,14 @@ import math
 import socket
 import time
 from multiprocessing import resource_tracker, shared_memory
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
 from enclave_bridge import protocol as pr
 
 ALIGN = 64
+_CREATED: set[str] = set()  # arenas this process created (and must unlink itself)
 
 
 class ChannelClosed(ConnectionError):
@@ -97,6 +98,7 @@ class Arena:
   def create(cls, region_bytes: int) -> "Arena":
     region = int(math.ceil(region_bytes / ALIGN) * ALIGN)
     shm = shared_memory.SharedMemory(create=True, size=2 * region)
+    _CREATED.add(shm.name)
     return cls(shm, region, owner=True)
 
   @classmethod
@@ -104,10 +106,11 @@ class Arena:
     shm = shared_memory.SharedMemory(name=name, create=False)
     # Python < 3.13 registers attached blocks with the resource tracker, which
     # would unlink the creator's block when this process exits.
-    try:
-      resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
-    except Exception:  # pragma: no cover - tracker details vary
-      pass
+    if shm.name not in _CREATED:  # (the creator keeps its own registration)
+      try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
+      except Exception:  # pragma: no cover - tracker details vary
+        pass
     if shm.size < 2 * region_bytes:
       shm.close()
       raise pr.OutOfBounds(f"arena of {shm.size} bytes is smaller than 2 x {region_bytes}")
@@ -165,3 +168,64 @@ class Arena:
         self.shm.unlink()
       except FileNotFoundError:
         pass
+
+
+def receive(arena: Arena, side: str, descs: tuple[pr.TensorDesc, ...],
+            expect: dict[str, tuple[str, Any]], direction: str, traffic,
+            *, finite: bool = False, recorder=None) -> dict[str, Any]:
+  """Checks and copies in the tensors of one message; rebuilds them per prefix.
+
+  Args:
+    arena, side: where the payloads are.
+    descs: the message's tensor descriptors.
+    expect: ``{prefix: (ledger class, template)}``; the tensors must be exactly
+      the template's leaves (names, shapes, dtypes), each tagged with the class
+      declared for its prefix and allowed in ``direction``.
+    direction: ``ledger.TO_ENCLAVE`` or ``ledger.TO_UNTRUSTED``.
+    traffic: a ``ledger.Traffic`` that counts what crossed.
+    finite: refuse NaN/Inf (checked on the private copy).
+    recorder: optional ``recorder("tensor", (desc, array))``.
+
+  Returns:
+    ``{prefix: tree}``.
+  """
+  from enclave_bridge import ledger as lg
+  by_name = {d.name: d for d in descs}
+  known: set[str] = set()
+  for prefix, (cls, template) in expect.items():
+    lg.check(cls, direction)
+    pr.check_against(template, prefix, by_name)
+    names = set(pr.flatten(template, prefix))
+    for n in names:
+      if by_name[n].cls != cls:
+        raise pr.UndeclaredTensor(f"{n}: class {by_name[n].cls!r}, declared {cls!r}")
+    known |= names
+  extra = set(by_name) - known
+  if extra:
+    raise pr.UndeclaredTensor(f"unexpected tensors {sorted(extra)[:5]}")
+  values = {}
+  for d in descs:
+    arr = arena.read(side, d)  # a private copy first, then the checks
+    # (bfloat16's numpy kind is "V", not "f": test every non-integer dtype)
+    if finite and arr.dtype.kind != "i" and not np.all(np.isfinite(arr)):
+      raise pr.NonFinite(f"{d.name}: NaN or Inf from the other side")
+    values[d.name] = arr
+    traffic.record(d.cls, d.nbytes)
+    if recorder is not None:
+      recorder("tensor", (d, arr))
+  return {p: pr.rebuild(t, p, values) for p, (_, t) in expect.items()}
+
+
+def send_parts(arena: Arena, side: str, parts, direction: str, traffic
+               ) -> tuple[pr.TensorDesc, ...]:
+  """Writes ``(prefix, class, tree)`` parts into ``side`` after the ledger check."""
+  from enclave_bridge import ledger as lg
+  items = []
+  for prefix, cls, tree in parts:
+    lg.check(cls, direction)
+    for name, leaf in pr.flatten(tree, prefix).items():
+      items.append((name, cls, np.asarray(leaf)))
+  descs = arena.write(side, items)
+  for d in descs:
+    traffic.record(d.cls, d.nbytes)
+  return descs

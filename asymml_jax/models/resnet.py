@@ -71,7 +71,7 @@ class BlockEndStage(nn.Module):
   def __call__(self, ys: Mapping[str, jax.Array], carry, train: bool):
     out = nn.relu(layers.Norm(self.norm)(ys[self.conv2], train) + carry["shortcut"])
     if self.out_site is None:
-      return {"logits": nn.Dense(self.num_classes)(layers.global_avg_pool(out))}, {}
+      return {"logits": nn.Dense(self.num_classes, precision=jax.lax.Precision.HIGHEST)(layers.global_avg_pool(out))}, {}
     return {self.out_site: out}, {"shortcut": out}
 
 

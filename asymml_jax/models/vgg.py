@@ -39,7 +39,7 @@ class VGGStage(nn.Module):
     if self.pool:
       h = layers.pool(h, "max", 2, 2)
     if self.out_site is None:
-      return {"logits": nn.Dense(self.num_classes)(layers.global_avg_pool(h))}, carry
+      return {"logits": nn.Dense(self.num_classes, precision=jax.lax.Precision.HIGHEST)(layers.global_avg_pool(h))}, carry
     return {self.out_site: h}, carry
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -256,14 +257,9 @@ def test_trailing_bytes():
 
 def test_duplicate_names():
   t = _msg().tensors[0]
-  body = pr.encode(_msg(tensors=(t, dataclasses_replace(t, offset=128))))
+  body = pr.encode(_msg(tensors=(t, dataclasses.replace(t, offset=128))))
   with pytest.raises(pr.MalformedFrame, match="duplicate"):
     pr.decode(body)
-
-
-def dataclasses_replace(t, **kw):
-  import dataclasses
-  return dataclasses.replace(t, **kw)
 
 
 # ---------------------------------------------------------------- metadata
@@ -436,12 +432,12 @@ def test_check_against_extra_name():
 
 def test_check_against_wrong_shape():
   d = _descs(TEMPLATE, "params")
-  d["params/convs/conv0/kernel"] = dataclasses_replace(d["params/convs/conv0/kernel"],
+  d["params/convs/conv0/kernel"] = dataclasses.replace(d["params/convs/conv0/kernel"],
                                                        shape=(3, 3, 8, 1))
   with pytest.raises(pr.ShapeMismatch, match="kernel"):
     pr.check_against(TEMPLATE, "params", d)
   d = _descs(TEMPLATE, "params")
-  d["params/stage/count"] = dataclasses_replace(d["params/stage/count"], shape=(1,))
+  d["params/stage/count"] = dataclasses.replace(d["params/stage/count"], shape=(1,))
   with pytest.raises(pr.ShapeMismatch):
     pr.check_against(TEMPLATE, "params", d)
 
@@ -449,7 +445,7 @@ def test_check_against_wrong_shape():
 @pytest.mark.parametrize("dtype", [np.float16, np.int32, ml_dtypes.bfloat16])
 def test_check_against_wrong_dtype(dtype):
   d = _descs(TEMPLATE, "params")
-  d["params/convs/conv0/bias"] = dataclasses_replace(d["params/convs/conv0/bias"],
+  d["params/convs/conv0/bias"] = dataclasses.replace(d["params/convs/conv0/bias"],
                                                      dtype=np.dtype(dtype))
   with pytest.raises(pr.DtypeMismatch, match="bias"):
     pr.check_against(TEMPLATE, "params", d)

@@ -19,7 +19,7 @@ from asymml_jax.data import Dataset
 CANARY_LABELS = (3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3)
 
 _COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
-                  "hubble_deep_field", "colorwheel", "cat")
+                  "hubble_deep_field", "colorwheel", "retina")
 _GREY_PHOTOS = ("camera", "coins", "moon", "page", "text", "clock", "brick",
                 "checkerboard")
 
@@ -75,9 +75,10 @@ def random_dataset(n_train: int = 16, n_test: int = 8, shape=(32, 32, 3),
 def canary_raw_images(side: int = 32) -> np.ndarray:
   """16 recognisable ``(side, side, 3)`` images in ``[0, 1]`` (float64).
 
-  Eight colour photographs from ``skimage.data`` and eight greyscale ones
-  tinted with distinct colour ramps (so their three channels differ and the
-  first convolution is genuinely split), all downscaled with anti-aliasing.
+  Eight colour photographs from ``skimage.data`` and eight greyscale ones as
+  duotones between two colours of their own (so their three channels differ
+  and the first convolution is genuinely split), all downscaled with
+  anti-aliasing.
   """
   import skimage.data
   import skimage.transform
@@ -85,14 +86,13 @@ def canary_raw_images(side: int = 32) -> np.ndarray:
   for name in _COLOUR_PHOTOS:
     im = np.asarray(getattr(skimage.data, name)(), np.float64)[..., :3] / 255.0
     out.append(skimage.transform.resize(im, (side, side, 3), anti_aliasing=True))
-  ramp = np.linspace(0.0, 1.0, side)
-  for i, name in enumerate(_GREY_PHOTOS):
+  # Duotones: each greyscale photograph between its own two bright colours.
+  rng = np.random.default_rng(20240229)
+  for name in _GREY_PHOTOS:
     im = np.asarray(getattr(skimage.data, name)(), np.float64) / 255.0
-    g = skimage.transform.resize(im, (side, side), anti_aliasing=True)
-    tint = np.stack([ramp[None, :] * np.ones((side, 1)), ramp[:, None] * np.ones((1, side)),
-                     np.full((side, side), (i + 1) / 9.0)], axis=-1)
-    out.append(np.clip(g[..., None] * (0.4 + 0.6 * tint) + 0.2 * (1 - g[..., None]) * tint,
-                       0.0, 1.0))
+    g = skimage.transform.resize(im, (side, side), anti_aliasing=True)[..., None]
+    dark, light = rng.uniform(0.0, 0.5, 3), rng.uniform(0.5, 1.0, 3)
+    out.append(np.clip(dark + g * (light - dark), 0.0, 1.0))
   return np.stack(out)
 
 
@@ -153,9 +153,11 @@ class WindowIndex:
   Every window of ``window`` consecutive float32 words of every reference
   array (at every word offset) is indexed by its first two words; a buffer is
   searched at all four byte alignments, candidates are confirmed word by word.
+  Windows with fewer than ``min_distinct`` distinct words (flat image regions,
+  which any run of zeros or ones would match) are not indexed.
   """
 
-  def __init__(self, arrays, window: int = 8):
+  def __init__(self, arrays, window: int = 8, min_distinct: int = 6):
     self.window = window
     self.refs = [np.ascontiguousarray(a, dtype=np.float32).reshape(-1).view("<u4")
                  for a in arrays]
@@ -163,8 +165,12 @@ class WindowIndex:
     for i, w in enumerate(self.refs):
       k = (w[:-1].astype(np.uint64) << np.uint64(32)) | w[1:].astype(np.uint64)
       k = k[:len(w) - window + 1]
-      keys.append(k)
-      where.append(np.stack([np.full(len(k), i), np.arange(len(k))], axis=1))
+      wins = np.lib.stride_tricks.sliding_window_view(w, window)
+      distinct = 1 + (np.diff(np.sort(wins, axis=1), axis=1) != 0).sum(axis=1)
+      keep = np.nonzero(distinct >= min_distinct)[0]
+      keys.append(k[keep])
+      where.append(np.stack([np.full(len(keep), i), keep], axis=1))
+    self.count = sum(len(k) for k in keys)
     self.keys = np.concatenate(keys)
     self.where = np.concatenate(where)
     order = np.argsort(self.keys, kind="stable")
@@ -179,11 +185,12 @@ class WindowIndex:
       if len(w) < self.window:
         continue
       k = (w[:-1].astype(np.uint64) << np.uint64(32)) | w[1:].astype(np.uint64)
-      cand = np.nonzero(np.isin(k, self.keys))[0]
+      pos = np.minimum(np.searchsorted(self.keys, k), len(self.keys) - 1)
+      cand = np.nonzero(self.keys[pos] == k)[0]
       for p in cand:
         if p + self.window > len(w):
           continue
-        lo = np.searchsorted(self.keys, k[p], "left")
+        lo = pos[p]
         hi = np.searchsorted(self.keys, k[p], "right")
         for i, off in self.where[lo:hi]:
           if np.array_equal(w[p:p + self.window], self.refs[i][off:off + self.window]):
@@ -194,22 +201,24 @@ class WindowIndex:
 def max_abs_corr(x: np.ndarray, refs: np.ndarray) -> np.ndarray:
   """Per sample of ``x``, the largest ``|Pearson r|`` with any of ``refs``.
 
+  Both sides are centred per sample and channel (over the pixels) before the
+  flattened vectors are correlated, so a mere difference of channel levels
+  (colour offsets) does not count as image structure.
+
   Args:
-    x: ``(B, ...)``.
-    refs: ``(N, ...)`` with the same per-sample size as ``x``.
+    x: ``(B, H, W, C)`` (or ``(B, H, W)``).
+    refs: ``(N, H, W, C)`` of the same per-sample shape as ``x``.
 
   Returns:
     ``(B,)`` float64.
   """
-  a = np.asarray(x, np.float64).reshape(len(x), -1)
-  b = np.asarray(refs, np.float64).reshape(len(refs), -1)
-  a = a - a.mean(axis=1, keepdims=True)
-  b = b - b.mean(axis=1, keepdims=True)
-  na = np.linalg.norm(a, axis=1, keepdims=True)
-  nb = np.linalg.norm(b, axis=1, keepdims=True)
-  a = np.divide(a, na, out=np.zeros_like(a), where=na > 0)
-  b = np.divide(b, nb, out=np.zeros_like(b), where=nb > 0)
-  return np.abs(a @ b.T).max(axis=1)
+  def unit_rows(t):
+    t = np.asarray(t, np.float64)
+    t = t - t.mean(axis=(1, 2), keepdims=True)
+    t = t.reshape(len(t), -1)
+    n = np.linalg.norm(t, axis=1, keepdims=True)
+    return np.divide(t, n, out=np.zeros_like(t), where=n > 0)
+  return np.abs(unit_rows(x) @ unit_rows(refs).T).max(axis=1)
 
 
 def max_abs_channel_corr(x: np.ndarray, refs: np.ndarray) -> np.ndarray:

@@ -1,0 +1,612 @@
+"""The untrusted side of the bridge: BridgeClient and the enclave / tee_only backends.
+
+Three layers of tests:
+
+* :class:`BridgeClient` against a scripted stand-in enclave (a thread on a
+  Unix socket): timeouts, a dead or closing peer, out-of-order and malformed
+  replies, undeclared tensor classes.  No JAX, fast.
+* The central invariant across the process boundary (DESIGN sections 1, 5):
+  ``verify.compare`` gives the dense loss and gradients through ``inline``,
+  ``local``, ``enclave`` and ``tee_only``; no enclave outlives its backend.
+* Faults against a real enclave (DESIGN section 6): malformed, mistyped and
+  non-finite tensors from the untrusted side are refused with typed errors and
+  leave the enclave usable; ``kill -9`` of the enclave mid-step is a typed
+  :class:`EnclaveDied` within seconds, never a hang.
+
+Every enclave of this module compiles the same stage programs; an XLA
+persistent compilation cache shared by the enclave subprocesses (only theirs:
+the environment is set after this process's JAX is configured) pays that once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import enclave_bridge
+from asymml_jax import backends as bk
+from asymml_jax import stages as st
+from asymml_jax import verify
+from asymml_jax.models import get_model
+from enclave_bridge import ledger as lg
+from enclave_bridge import protocol as pr
+from enclave_bridge.client import BridgeClient, EnclaveDied, EnclaveTimeout
+from enclave_bridge.transport import Channel
+from tests.helpers import enclave as he
+
+Op = pr.Op
+BATCH = 4
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _enclave_compile_cache(tmp_path_factory):
+  with he.compile_cache_env(tmp_path_factory.getbasetemp() / "xla-cache-enclave"):
+    yield
+
+
+# =============================================================================
+# BridgeClient against a scripted stand-in enclave
+# =============================================================================
+class FakeEnclave:
+  """A stand-in enclave: answers each request with ``script(msg, client)``.
+
+  ``script`` returns reply bytes, ``None`` (never answer) or ``"close"``
+  (close the connection without answering).
+  """
+
+  def __init__(self, script):
+    self.dir = tempfile.mkdtemp(prefix="afe", dir="/tmp")  # short: sun_path limit
+    self.path = os.path.join(self.dir, "e.sock")
+    self.script = script
+    self.received: list[pr.Message] = []
+    self.client: BridgeClient | None = None
+    self.closed = threading.Event()
+    self._stop = threading.Event()
+    self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    self._listener.bind(self.path)
+    self._listener.listen(1)
+    self._thread = threading.Thread(target=self._serve, daemon=True)
+    self._thread.start()
+
+  def _serve(self):
+    conn, _ = self._listener.accept()
+    ch = Channel(conn)
+    try:
+      while not self._stop.is_set():
+        try:
+          body = ch.recv(timeout=0.1)
+        except socket.timeout:
+          continue
+        except (ConnectionError, OSError):
+          return
+        msg = pr.decode(body)
+        self.received.append(msg)
+        reply = self.script(msg, self.client)
+        if reply == "close":
+          return
+        if reply is not None:
+          ch.send(reply)
+    finally:
+      ch.close()
+      self._listener.close()
+      self.closed.set()
+
+  def connect(self, **kw) -> BridgeClient:
+    self.client = BridgeClient(self.path, region_bytes=1 << 16, **kw)
+    return self.client
+
+  def shutdown(self):
+    self._stop.set()
+    if self.client is not None:
+      self.client.channel.close()
+      self.client.arena.close()
+    self._thread.join(timeout=5)
+    shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def fake():
+  made = []
+
+  def make(script):
+    f = FakeEnclave(script)
+    made.append(f)
+    return f
+  yield make
+  for f in made:
+    f.shutdown()
+
+
+def _reply(msg, tensors=(), meta=None, seq=None) -> bytes:
+  return pr.encode(pr.Message(Op.REPLY, msg.seq if seq is None else seq, msg.tag, msg.stage,
+                              dict(meta or {}), tuple(tensors)))
+
+
+def _f32(*shape):
+  return jax.ShapeDtypeStruct(shape, np.float32)
+
+
+def test_hung_enclave_is_a_timeout_not_a_hang(fake):
+  f = fake(lambda msg, client: None)  # never answers
+  client = f.connect(call_timeout=1.0)
+  t0 = time.monotonic()
+  with pytest.raises(EnclaveTimeout, match="no answer"):
+    client.call(Op.STATS)
+  assert time.monotonic() - t0 < 3.0
+
+
+def test_exited_enclave_is_detected_while_waiting(fake):
+  # The socket stays open (e.g. held by a helper) but the process is gone.
+  f = fake(lambda msg, client: None)
+  gone_at = time.monotonic() + 0.3
+  client = f.connect(alive=lambda: time.monotonic() < gone_at, call_timeout=60.0)
+  with pytest.raises(EnclaveDied, match="exited"):
+    client.call(Op.STATS)
+  assert time.monotonic() - gone_at < 2.0
+
+
+def test_connection_closed_mid_call_is_enclave_died(fake):
+  f = fake(lambda msg, client: "close")
+  client = f.connect(call_timeout=60.0)
+  t0 = time.monotonic()
+  with pytest.raises(EnclaveDied):
+    client.call(Op.STATS)
+  assert time.monotonic() - t0 < 2.0
+
+
+def test_sending_to_a_dead_enclave_is_enclave_died(fake):
+  # The first call is answered, then the peer goes away: the next request's
+  # send meets a closed socket (EPIPE), which must be the same typed error.
+  f = fake(lambda msg, client: _reply(msg) if msg.seq == 0 else "close")
+  client = f.connect(call_timeout=60.0)
+  client.call(Op.STATS)
+  f._stop.set()
+  assert f.closed.wait(5)
+  for _ in range(2):  # the second one certainly writes into a dead socket
+    with pytest.raises(EnclaveDied):
+      client.call(Op.STATS, meta={"pad": "x" * 4096})
+
+
+def test_out_of_order_reply_is_refused(fake):
+  f = fake(lambda msg, client: _reply(msg, seq=msg.seq + 5))
+  client = f.connect()
+  with pytest.raises(pr.OutOfOrder):
+    client.call(Op.STATS)
+
+
+@pytest.mark.parametrize("error", [pr.ShapeMismatch, pr.DtypeMismatch, pr.NonFinite,
+                                   pr.StateError, pr.OutOfOrder])
+def test_error_reply_is_reraised_typed(fake, error):
+  f = fake(lambda msg, client: pr.encode(pr.error_message(
+      msg.seq, msg.tag, msg.stage, error("refused for the test"))))
+  client = f.connect()
+  with pytest.raises(error, match="refused for the test"):
+    client.call(Op.STATS)
+
+
+@pytest.mark.parametrize("case,error", [
+    ("shape", pr.ShapeMismatch),
+    ("dtype", pr.DtypeMismatch),
+    ("extra_name", pr.UndeclaredTensor),
+    ("missing_name", pr.UndeclaredTensor),
+    ("undeclared_class", pr.UndeclaredTensor),
+    ("wrong_direction", pr.UndeclaredTensor),
+])
+def test_malformed_reply_tensors_are_refused(fake, case, error):
+  expect = {"rs": {"s0": _f32(2, 2)}}
+
+  def script(msg, client):
+    arrays = {"rs/s0": ("activation_residual", np.zeros((2, 2), np.float32))}
+    if case == "shape":
+      arrays["rs/s0"] = ("activation_residual", np.zeros((2, 3), np.float32))
+    elif case == "dtype":
+      arrays["rs/s0"] = ("activation_residual", np.zeros((2, 2), np.float16))
+    elif case == "extra_name":
+      arrays["rs/secret"] = ("activation_residual", np.zeros((2,), np.float32))
+    elif case == "missing_name":
+      del arrays["rs/s0"]
+    elif case == "undeclared_class":
+      arrays["rs/s0"] = ("raw_image", np.zeros((2, 2), np.float32))
+    elif case == "wrong_direction":
+      arrays["rs/s0"] = ("public_weights", np.zeros((2, 2), np.float32))
+    descs = client.arena.write("reply", [(n, c, a) for n, (c, a) in arrays.items()])
+    return _reply(msg, descs)
+
+  seen = []
+  f = fake(script)
+  client = f.connect(recorder=lambda kind, payload: seen.append((kind, payload)))
+  with pytest.raises(error):
+    client.call(Op.FORWARD, expect=expect)
+  # The refused reply's tensors were never handed on.
+  assert all(kind == "frame" for kind, _ in seen)
+
+
+def test_valid_reply_is_recorded_frame_and_tensors(fake):
+  value = np.arange(4, dtype=np.float32).reshape(2, 2)
+
+  def script(msg, client):
+    descs = client.arena.write("reply", [("rs/s0", "activation_residual", value),
+                                         ("loss", "loss", np.float32(1.5))])
+    return _reply(msg, descs, meta={"server_s": 0.0})
+
+  seen = []
+  f = fake(script)
+  client = f.connect(recorder=lambda kind, payload: seen.append((kind, payload)))
+  _, out = client.call(Op.FORWARD, expect={"rs": {"s0": _f32(2, 2)}, "loss": _f32()})
+  np.testing.assert_array_equal(out["rs"]["s0"], value)
+  assert float(out["loss"]) == 1.5
+  kinds = [k for k, _ in seen]
+  assert kinds == ["frame", "tensor", "tensor"]
+  assert pr.decode(seen[0][1]).op == Op.REPLY
+  assert {d.cls for _, (d, _) in seen[1:]} == {"activation_residual", "loss"}
+  assert client.traffic_in.classes() == {"activation_residual", "loss"}
+
+
+def test_undeclared_class_is_never_sent(fake):
+  f = fake(lambda msg, client: _reply(msg))
+  client = f.connect()
+  with pytest.raises(pr.UndeclaredTensor):
+    client.call(Op.FORWARD, parts=(("x", "raw_image", np.zeros((2,), np.float32)),))
+  with pytest.raises(pr.UndeclaredTensor):  # a class of the other direction
+    client.call(Op.FORWARD, parts=(("x", "activation_residual", np.zeros((2,), np.float32)),))
+  client.call(Op.STATS)
+  assert [m.op for m in f.received] == [Op.STATS]
+  assert not client.traffic_out.classes()
+
+
+# =============================================================================
+# The central invariant across the process boundary
+# =============================================================================
+@pytest.fixture
+def track_backends(monkeypatch):
+  """Records every backend ``make_backend`` builds (to check their processes)."""
+  made = []
+  real = bk.make_backend
+
+  def spy(*args, **kwargs):
+    b = real(*args, **kwargs)
+    made.append(b)
+    return b
+  monkeypatch.setattr(bk, "make_backend", spy)
+  return made
+
+
+def _assert_invariant(result, names):
+  rows = {r["name"]: r for r in result["backends"]}
+  assert set(names) <= set(rows)
+  for name in names:
+    r = rows[name]
+    assert np.isfinite(r["loss"]), r
+    assert r["rel_err_loss"] <= TOL, r
+    assert r["rel_err_grads"] <= TOL, r
+  assert result["max_rel_err_loss"] <= TOL
+  assert result["max_rel_err_grads"] <= TOL
+
+
+def _assert_no_orphans(backends, names):
+  procs = {b.name: b.process for b in backends if b.name in bk.PROCESS_BACKENDS}
+  assert set(procs) == set(names) & set(bk.PROCESS_BACKENDS)
+  for name, proc in procs.items():
+    assert proc.pid is not None
+    assert he.pid_gone(proc.pid, within=5.0), f"{name} enclave pid {proc.pid} outlived close()"
+    assert not proc.alive()
+
+
+def test_central_invariant_vgg11_across_the_process_boundary(tmp_path, track_backends):
+  names = ["inline", "local", "enclave", "tee_only"]
+  result = verify.compare(get_model("vgg11", width=0.125), names, batch_size=BATCH,
+                          prepare=enclave_bridge.verification_options(str(tmp_path), 10))
+  _assert_invariant(result, names)
+  rows = {r["name"]: r for r in result["backends"]}
+  assert "per_sample" in rows["enclave"]["modes"]  # really split, not all trusted
+  assert rows["tee_only"]["modes"] == ["trusted"]
+  _assert_no_orphans(track_backends, names)
+
+
+@pytest.mark.slow  # ~50 s: a cold compile of resnet20's 20 stages in two processes
+def test_central_invariant_resnet20_enclave(tmp_path, track_backends):
+  result = verify.compare(get_model("resnet20", width=0.25), ["enclave"], batch_size=BATCH,
+                          prepare=enclave_bridge.verification_options(str(tmp_path), 10))
+  _assert_invariant(result, ["enclave"])
+  _assert_no_orphans(track_backends, ["enclave"])
+
+
+# =============================================================================
+# A real enclave: traffic, refusals, kill -9
+# =============================================================================
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory):
+  sealed_path, key_path = he.seal_to(he.random_dataset(n_train=16, n_test=8),
+                                     tmp_path_factory.mktemp("sealed"))
+  return sealed_path, key_path
+
+
+@pytest.fixture(scope="module")
+def model():
+  return get_model("vgg11", width=0.125)
+
+
+@pytest.fixture(scope="module")
+def variables(model):
+  return jax.device_get(model.init(jax.random.key(0)))
+
+
+def _open(model, sealed, workdir, **options) -> bk.Backend:
+  sealed_path, key_path = sealed
+  return bk.make_backend("enclave", model, key=jax.random.key(1), batch_size=BATCH,
+                         sealed_path=sealed_path, key_path=key_path, workdir=str(workdir),
+                         eval_batch_size=BATCH, **options)
+
+
+@pytest.fixture(scope="module")
+def shared(model, sealed, tmp_path_factory):
+  """One enclave backend for the tests that leave it usable."""
+  frames = []
+  backend = _open(model, sealed, tmp_path_factory.mktemp("enclave"),
+                  recorder=lambda kind, payload: frames.append(kind))
+  pid = backend.process.pid
+  yield backend, frames
+  backend.close()
+  assert he.pid_gone(pid), "the enclave outlived close()"
+
+
+def test_traffic_matches_the_ledger(shared, variables):
+  backend, frames = shared
+  backend.client.traffic_in, backend.client.traffic_out = lg.Traffic(), lg.Traffic()
+  frames.clear()
+  calls0 = backend.client.timing["calls"]
+  params, stats = variables["params"], variables["batch_stats"]
+  for step in range(2):
+    loss, grads, new_stats, metrics = backend.grads(params, stats, None, step)
+    assert np.isfinite(float(loss))
+    assert float(metrics["count"]) == BATCH
+  m = backend.evaluate(params, stats, None, 0)
+  assert float(m["count"]) == BATCH
+  expected = lg.expected_classes("enclave", train=True, batch_norm=True,
+                                 gradient_protection="none")
+  assert backend.traffic_classes() == expected
+  for cls in backend.client.traffic_in.classes():
+    assert lg.LEDGER[cls].direction == lg.TO_UNTRUSTED
+  for cls in backend.client.traffic_out.classes():
+    assert lg.LEDGER[cls].direction == lg.TO_ENCLAVE
+  # The recorder saw every reply frame.
+  assert frames.count("frame") == backend.client.timing["calls"] - calls0
+
+
+def test_liveness_follows_the_process(shared):
+  backend, _ = shared
+  assert backend.client.alive() is True
+  assert backend.process.alive() is True
+
+
+# ----------------------------------------------------- refusals from the enclave
+def _zeros(template):
+  return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
+
+
+def _forward(client, model, sig, tag, k, params, stats, yr=None):
+  """One FORWARD request built as the backend builds it (zeros for ``yr`` by default)."""
+  expect = {"rs": sig["rs"], "stats": sig["new_stats"]}
+  if sig["loss"] is not None:
+    expect.update(loss=sig["loss"], metrics=sig["metrics"])
+  return client.call(Op.FORWARD, tag=tag, stage=k, expect=expect, parts=(
+      ("yr", "conv_output_residual", _zeros(sig["yr"]) if yr is None else yr),
+      ("params", "public_weights", st.stage_params(model, params, k)),
+      ("stats", "public_batch_stats", st.stage_stats(stats, k))))
+
+
+def _bad(template, case):
+  """``template``'s zeros with one leaf spoilt as ``case`` says."""
+  tree = _zeros(template)
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  x = leaves[0]
+  if case == "shape":
+    x = np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype)
+  elif case == "rank":
+    x = np.zeros(x.shape[1:], x.dtype)
+  elif case == "dtype_f16":
+    x = x.astype(np.float16)
+  elif case == "dtype_i32":
+    x = x.astype(np.int32)
+  elif case == "nan":
+    x = x.copy()
+    x.reshape(-1)[7] = np.nan
+  elif case == "inf":
+    x = x.copy()
+    x.reshape(-1)[-1] = -np.inf
+  leaves[0] = x
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+ERRORS = {"shape": pr.ShapeMismatch, "rank": pr.ShapeMismatch,
+          "dtype_f16": pr.DtypeMismatch, "dtype_i32": pr.DtypeMismatch,
+          "nan": pr.NonFinite, "inf": pr.NonFinite}
+
+
+@pytest.mark.parametrize("where", ["conv_output_residual", "public_weights"])
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_forward_is_refused_and_the_enclave_stays_usable(shared, model, variables,
+                                                              where, case):
+  backend, _ = shared
+  client = backend.client
+  params, stats = variables["params"], variables["batch_stats"]
+  tag = 1000 + list(ERRORS).index(case) + 100 * (where == "public_weights")
+  meta, _ = client.call(Op.BEGIN, tag=tag, meta={"train": True, "index": 0})
+  n = int(meta["batch_size"])
+  sigs = st.stage_signatures(model, backend.plan, n, True)
+  try:
+    _forward(client, model, sigs[0], tag, 0, params, stats)
+    if where == "conv_output_residual":
+      bad_yr, bad_params = _bad(sigs[1]["yr"], case), params
+    else:
+      bad_yr = None
+      bad_params = jax.tree_util.tree_map(lambda x: x, params)
+      kernel = bad_params["convs"]["conv0"]["kernel"]
+      bad_params["convs"]["conv0"]["kernel"] = _bad({"k": jax.ShapeDtypeStruct(
+          kernel.shape, kernel.dtype)}, case)["k"]
+    with pytest.raises(ERRORS[case]):
+      _forward(client, model, sigs[1], tag, 1, bad_params, stats, yr=bad_yr)
+    # Nothing was half-done: the same stage with good tensors goes through.
+    _, out = _forward(client, model, sigs[1], tag, 1, params, stats)
+    assert set(out["rs"]) == set(sigs[1]["rs"])
+  finally:
+    client.call(Op.END, tag=tag)
+
+
+@pytest.mark.parametrize("what", ["dloss_nan", "dloss_inf", "drs_shape", "drs_dtype"])
+def test_bad_backward_is_refused(shared, model, variables, what):
+  backend, _ = shared
+  client = backend.client
+  params, stats = variables["params"], variables["batch_stats"]
+  tag = 2000 + ["dloss_nan", "dloss_inf", "drs_shape", "drs_dtype"].index(what)
+  meta, _ = client.call(Op.BEGIN, tag=tag, meta={"train": True, "index": 0})
+  sigs = st.stage_signatures(model, backend.plan, int(meta["batch_size"]), True)
+  last = model.num_stages - 1
+  try:
+    for k in range(model.num_stages):
+      _forward(client, model, sigs[k], tag, k, params, stats)
+    # stage `last` is trusted (no residual out); stage 0 hands out the image residual.
+    k, drs_t = (last, sigs[last]["rs"]) if what.startswith("dloss") else (0, sigs[0]["rs"])
+    drs = _zeros(drs_t)
+    dloss = np.float32(1.0)
+    if what == "dloss_nan":
+      dloss = np.float32(np.nan)
+    elif what == "dloss_inf":
+      dloss = np.float32(np.inf)
+    elif what == "drs_shape":
+      drs = _bad(drs_t, "shape")
+    elif what == "drs_dtype":
+      drs = _bad(drs_t, "dtype_f16")
+    error = {"dloss_nan": pr.NonFinite, "dloss_inf": pr.NonFinite,
+             "drs_shape": pr.ShapeMismatch, "drs_dtype": pr.DtypeMismatch}[what]
+    with pytest.raises(error):
+      client.call(Op.BACKWARD, tag=tag, stage=k,
+                  expect={"dyr": sigs[k]["yr"], "dparams": sigs[k]["params"]},
+                  parts=(("drs", "residual_gradient", drs), ("dloss", "loss_gradient", dloss)))
+  finally:
+    client.call(Op.END, tag=tag)
+
+
+def test_enclave_still_trains_after_refusals(shared, variables):
+  backend, _ = shared
+  loss, _, _, _ = backend.grads(variables["params"], variables["batch_stats"], None, 5)
+  assert np.isfinite(float(loss))
+
+
+# ----------------------------------------------------------------- kill -9
+@pytest.mark.parametrize("when", ["during_call", "between_calls"])
+def test_kill_9_mid_step_is_enclave_died_fast(model, sealed, variables, tmp_path, when):
+  """SIGKILL of the enclave while a step runs: a typed error within 10 s, no hang.
+
+  ``during_call``: a background thread kills the enclave as soon as the
+  driver has sent stage 2's forward of step 1 (the driver is then waiting for
+  the reply).  ``between_calls``: the enclave is killed (and reaped by the
+  kernel) right after stage 2's reply, so the next request meets a dead socket.
+  """
+  params, stats = variables["params"], variables["batch_stats"]
+  backend = _open(model, sealed, tmp_path / "w")
+  pid = backend.process.pid
+  client = backend.client
+  killed_at: list[float] = []
+  armed = threading.Event()
+  sent_stage2 = threading.Event()
+  cancelled = threading.Event()
+  real_send = client.channel.send
+
+  def kill():
+    killed_at.append(time.monotonic())
+    os.kill(pid, signal.SIGKILL)
+
+  def send(body):
+    real_send(body)
+    msg = pr.decode(body)
+    if armed.is_set() and msg.op == Op.FORWARD and msg.stage == 2:
+      sent_stage2.set()
+
+  def recorder(kind, payload):
+    if when == "between_calls" and kind == "frame" and armed.is_set() and not killed_at:
+      msg = pr.decode(payload)
+      if msg.op == Op.REPLY and msg.stage == 2 and msg.tag == 1:
+        kill()
+        assert he.pid_gone(pid, within=5.0)
+
+  client.channel.send = send
+  client.recorder = recorder
+  killer = threading.Thread(
+      target=lambda: sent_stage2.wait(60) and not cancelled.is_set() and kill(), daemon=True)
+  try:
+    loss, _, _, _ = backend.grads(params, stats, None, 0)
+    assert np.isfinite(float(loss))
+    armed.set()
+    if when == "during_call":
+      killer.start()
+    with pytest.raises(EnclaveDied) as info:
+      backend.grads(params, stats, None, 1)
+    raised_at = time.monotonic()
+    assert killed_at, "the enclave was not killed during the step"
+    latency = raised_at - killed_at[0]
+    print(f"\nkill -9 ({when}) -> {type(info.value).__name__} after {latency:.3f} s: "
+          f"{info.value}")
+    assert latency < 10.0
+    assert "enclave" in str(info.value)
+    assert not backend.process.alive()
+    assert backend.client.alive() is False
+    # Later calls fail fast too, and closing is clean.
+    t0 = time.monotonic()
+    with pytest.raises(EnclaveDied):
+      backend.grads(params, stats, None, 2)
+    with pytest.raises(EnclaveDied):
+      backend.evaluate(params, stats, None, 0)
+    assert time.monotonic() - t0 < 10.0
+  finally:
+    if killer.is_alive():
+      cancelled.set()
+      sent_stage2.set()
+      killer.join(5)
+    backend.close()
+  assert he.pid_gone(pid)
+
+
+def test_closed_backend_leaves_no_process_or_socket(model, sealed, variables, tmp_path):
+  with _open(model, sealed, tmp_path / "w") as backend:
+    pid = backend.process.pid
+    sock = backend.process.spec.socket_path
+    assert os.path.exists(sock)
+    m = backend.evaluate(variables["params"], variables["batch_stats"], None, 1)
+    assert float(m["count"]) == BATCH
+  assert he.pid_gone(pid, within=5.0)
+  assert not os.path.exists(sock)
+
+
+# ------------------------------------------------------------------ tee_only
+def test_tee_only_trains_and_evaluates(model, sealed, variables, tmp_path):
+  sealed_path, key_path = sealed
+  with bk.make_backend("tee_only", model, key=jax.random.key(1), batch_size=BATCH,
+                       sealed_path=sealed_path, key_path=key_path,
+                       workdir=str(tmp_path / "w"), eval_batch_size=BATCH) as backend:
+    pid = backend.process.pid
+    params, stats = variables["params"], variables["batch_stats"]
+    for step in range(2):
+      loss, grads, new_stats, metrics = backend.grads(params, stats, None, step)
+      assert np.isfinite(float(loss))
+      assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+      assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+      assert float(metrics["count"]) == BATCH
+      params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
+      stats = new_stats
+    for i in range(2):
+      m = backend.evaluate(params, stats, None, i)
+      assert float(m["count"]) == BATCH and np.isfinite(float(m["loss_sum"]))
+    assert backend.traffic_classes() == lg.expected_classes(
+        "tee_only", train=True, batch_norm=True)
+  assert he.pid_gone(pid)
