@@ -154,8 +154,12 @@ def untrusted_group(model: StagedModel, plan: Plan, k: int, conv_params: Tree,
 
 
 def run_untrusted(model: StagedModel, plan: Plan, params: Tree, stats: Tree,
-                  hook: TrustedHook, residual_dtype: Any = None):
+                  hook: TrustedHook, residual_dtype: Any = None,
+                  group: Callable[..., dict] | None = None):
   """The untrusted program of one step: public weights in, loss out.
+
+  ``group`` replaces :func:`untrusted_group` (same signature), e.g. to model a
+  different accelerator arithmetic.
 
   Returns:
     ``(loss, (new_stats, metrics))`` from the last trusted stage.
@@ -168,7 +172,7 @@ def run_untrusted(model: StagedModel, plan: Plan, params: Tree, stats: Tree,
                                  stage_stats(stats, k))
     new_stats[str(k)] = st
     if k < model.num_stages - 1:
-      yr = untrusted_group(model, plan, k, params["convs"], rs, residual_dtype)
+      yr = (group or untrusted_group)(model, plan, k, params["convs"], rs, residual_dtype)
   return loss, ({"stages": new_stats}, metrics)
 
 

@@ -41,6 +41,40 @@ def tree_rel_errs(tree, ref) -> dict[str, float]:
           for (p, a), (_, b) in zip(flat, ref_flat)}
 
 
+def float32_floor(model: StagedModel, variables, batch, key: jax.Array,
+                  ulp: float = 3e-7) -> tuple[float, float, str]:
+  """How far *dense itself* moves under float32-rounding-sized perturbations.
+
+  Runs the dense model twice, the second time with every convolution output
+  multiplied by ``1 + ulp * u`` (``u`` uniform in [-1, 1], fixed), i.e. the
+  size of a float32 rounding difference.  Any correct reimplementation that
+  sums in another order (the split, another conv algorithm, another device)
+  can differ from dense by this much; where a ReLU pre-activation lies within
+  rounding distance of zero the difference is a whole element's gradient.
+
+  Returns:
+    ``(rel_err_loss, rel_err_grads, worst_leaf)`` of the perturbed run.
+  """
+  from asymml_jax import stages
+  plan = bk.make_plan_for("dense", model, int(batch["image"].shape[0]), DecompositionConfig())
+
+  def loss(params, jitter):
+    def group(*args):
+      out = stages.untrusted_group(*args)
+      return {n: y * (1.0 + jitter * jax.random.uniform(
+          jax.random.fold_in(jax.random.key(7), i), y.shape, minval=-1.0, maxval=1.0))
+              for i, (n, y) in enumerate(sorted(out.items()))}
+    hook = stages.InlineHook(model, plan, batch, stages.step_key(key, 0), True)
+    return stages.run_untrusted(model, plan, params, variables["batch_stats"], hook,
+                                group=group)[0]
+  f = jax.jit(jax.value_and_grad(loss))
+  l0, g0 = f(variables["params"], 0.0)
+  l1, g1 = f(variables["params"], ulp)
+  errs = tree_rel_errs(g1, g0)
+  worst = max(errs, key=errs.get)
+  return rel_err(l1, l0), errs[worst], worst
+
+
 def random_batch(model: StagedModel, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
   """A reproducible batch of standard-normal images and random labels."""
   rng = np.random.default_rng(seed)
@@ -107,7 +141,13 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
                  "rel_err_grads": errs[worst], "worst_leaf": worst,
                  "seconds_with_compile": seconds,
                  "modes": sorted(set(modes.values()))})
+  floor_loss, floor_grads, floor_leaf = float32_floor(model, variables, batch, trusted_key)
   return {
+      "float32_floor": {"rel_err_loss": floor_loss, "rel_err_grads": floor_grads,
+                        "worst_leaf": floor_leaf,
+                        "what": "dense vs dense with conv outputs perturbed by 3e-7 "
+                                "(float32 rounding); differences below this are not "
+                                "attributable to a backend"},
       "model": model.name,
       "input_shape": list(model.input_shape),
       "batch_size": batch_size,

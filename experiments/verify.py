@@ -51,6 +51,9 @@ def main(argv):
   for r in result["backends"]:
     print(f"{r['name']:<9} loss {r['loss']:.6f}  rel_err_loss {r['rel_err_loss']:.2e}  "
           f"rel_err_grads {r['rel_err_grads']:.2e} ({r['worst_leaf']})")
+  fl = result["float32_floor"]
+  print(f"{'f32 floor':<9} (dense vs dense perturbed at float32 rounding) rel_err_loss "
+        f"{fl['rel_err_loss']:.2e}  rel_err_grads {fl['rel_err_grads']:.2e} ({fl['worst_leaf']})")
   print(f"max_rel_err_loss {result['max_rel_err_loss']:.2e}  "
         f"max_rel_err_grads {result['max_rel_err_grads']:.2e}")
   if _JSON.value:

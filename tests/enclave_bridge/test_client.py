@@ -201,9 +201,10 @@ def test_error_reply_is_reraised_typed(fake, error):
     ("missing_name", pr.UndeclaredTensor),
     ("undeclared_class", pr.UndeclaredTensor),
     ("wrong_direction", pr.UndeclaredTensor),
+    ("other_class", pr.UndeclaredTensor),
 ])
 def test_malformed_reply_tensors_are_refused(fake, case, error):
-  expect = {"rs": {"s0": _f32(2, 2)}}
+  expect = {"rs": ("activation_residual", {"s0": _f32(2, 2)})}
 
   def script(msg, client):
     arrays = {"rs/s0": ("activation_residual", np.zeros((2, 2), np.float32))}
@@ -219,6 +220,8 @@ def test_malformed_reply_tensors_are_refused(fake, case, error):
       arrays["rs/s0"] = ("raw_image", np.zeros((2, 2), np.float32))
     elif case == "wrong_direction":
       arrays["rs/s0"] = ("public_weights", np.zeros((2, 2), np.float32))
+    elif case == "other_class":  # declared, but not for this prefix
+      arrays["rs/s0"] = ("trusted_weight_gradient", np.zeros((2, 2), np.float32))
     descs = client.arena.write("reply", [(n, c, a) for n, (c, a) in arrays.items()])
     return _reply(msg, descs)
 
@@ -242,7 +245,8 @@ def test_valid_reply_is_recorded_frame_and_tensors(fake):
   seen = []
   f = fake(script)
   client = f.connect(recorder=lambda kind, payload: seen.append((kind, payload)))
-  _, out = client.call(Op.FORWARD, expect={"rs": {"s0": _f32(2, 2)}, "loss": _f32()})
+  _, out = client.call(Op.FORWARD, expect={"rs": ("activation_residual", {"s0": _f32(2, 2)}),
+                                           "loss": ("loss", _f32())})
   np.testing.assert_array_equal(out["rs"]["s0"], value)
   assert float(out["loss"]) == 1.5
   kinds = [k for k, _ in seen]
@@ -283,6 +287,10 @@ def track_backends(monkeypatch):
 
 def _assert_invariant(result, names):
   rows = {r["name"]: r for r in result["backends"]}
+  for r in result["backends"]:
+    print(f"\n{result['model']} {r['name']:9s} loss {r['loss']:.6f}  rel err loss "
+          f"{r['rel_err_loss']:.2e}  grads {r['rel_err_grads']:.2e}  ({r['worst_leaf']})",
+          end="")
   assert set(names) <= set(rows)
   for name in names:
     r = rows[name]
@@ -396,9 +404,10 @@ def _zeros(template):
 
 def _forward(client, model, sig, tag, k, params, stats, yr=None):
   """One FORWARD request built as the backend builds it (zeros for ``yr`` by default)."""
-  expect = {"rs": sig["rs"], "stats": sig["new_stats"]}
+  expect = {"rs": ("activation_residual", sig["rs"]),
+            "stats": ("batch_statistics", sig["new_stats"])}
   if sig["loss"] is not None:
-    expect.update(loss=sig["loss"], metrics=sig["metrics"])
+    expect.update(loss=("loss", sig["loss"]), metrics=("metrics", sig["metrics"]))
   return client.call(Op.FORWARD, tag=tag, stage=k, expect=expect, parts=(
       ("yr", "conv_output_residual", _zeros(sig["yr"]) if yr is None else yr),
       ("params", "public_weights", st.stage_params(model, params, k)),
@@ -491,7 +500,8 @@ def test_bad_backward_is_refused(shared, model, variables, what):
              "drs_shape": pr.ShapeMismatch, "drs_dtype": pr.DtypeMismatch}[what]
     with pytest.raises(error):
       client.call(Op.BACKWARD, tag=tag, stage=k,
-                  expect={"dyr": sigs[k]["yr"], "dparams": sigs[k]["params"]},
+                  expect={"dyr": ("output_gradient", sigs[k]["yr"]),
+                          "dparams": ("trusted_weight_gradient", sigs[k]["params"])},
                   parts=(("drs", "residual_gradient", drs), ("dloss", "loss_gradient", dloss)))
   finally:
     client.call(Op.END, tag=tag)
