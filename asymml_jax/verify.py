@@ -87,8 +87,8 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
             decomposition: DecompositionConfig = DecompositionConfig(),
             seed: int = 0, force: str | None = None,
             backend_options: Mapping[str, Mapping[str, Any]] | None = None,
-            prepare: Callable[[str, Mapping[str, Any]], Mapping[str, Any]] | None = None
-            ) -> dict[str, Any]:
+            prepare: Callable[[str, Mapping[str, Any]], Mapping[str, Any]] | None = None,
+            floor: bool = True) -> dict[str, Any]:
   """Runs one batch through ``dense`` and every listed backend and compares.
 
   Args:
@@ -99,6 +99,7 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
     seed: parameters, batch and trusted key.
     force: optional plan override for the split backends (e.g. ``per_batch``).
     backend_options: per-backend factory options.
+    floor: also measure :func:`float32_floor` (one more dense compilation).
     prepare: ``prepare(name, batch) -> options`` for backends whose trusted side
       owns the data (``enclave``, ``tee_only``): it must make that side hold
       exactly ``batch`` (e.g. seal it); such backends get ``batch=None``.
@@ -141,13 +142,15 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
                  "rel_err_grads": errs[worst], "worst_leaf": worst,
                  "seconds_with_compile": seconds,
                  "modes": sorted(set(modes.values()))})
-  floor_loss, floor_grads, floor_leaf = float32_floor(model, variables, batch, trusted_key)
+  out: dict[str, Any] = {}
+  if floor:
+    floor_loss, floor_grads, floor_leaf = float32_floor(model, variables, batch, trusted_key)
+    out["float32_floor"] = {
+        "rel_err_loss": floor_loss, "rel_err_grads": floor_grads, "worst_leaf": floor_leaf,
+        "what": "dense vs dense with conv outputs perturbed by 3e-7 (float32 rounding); "
+                "differences below this are not attributable to a backend"}
   return {
-      "float32_floor": {"rel_err_loss": floor_loss, "rel_err_grads": floor_grads,
-                        "worst_leaf": floor_leaf,
-                        "what": "dense vs dense with conv outputs perturbed by 3e-7 "
-                                "(float32 rounding); differences below this are not "
-                                "attributable to a backend"},
+      **out,
       "model": model.name,
       "input_shape": list(model.input_shape),
       "batch_size": batch_size,

@@ -23,27 +23,27 @@ def _model(name, width, size=32, channels=3, norm="batch"):
 
 
 # Narrow models keep compile and run time small; the invariant does not depend on width.
-# ResNet18 at 32x32 reaches 1x1 spatial size, where train-mode BatchNorm over a
-# batch of 3 makes float32 rounding differences (of dense itself) visible at
-# ~1e-4 in some gradient leaves; the per_batch case uses GroupNorm to keep this
-# test about the split rather than about that conditioning.
 CASES = [
     ("vgg11", 0.25, 32, 3, "batch", None),
     ("vgg11", 0.25, 32, 1, "group", None),       # grayscale: first conv fully trusted
     ("resnet20", 0.5, 32, 3, "batch", None),
-    ("resnet18", 0.125, 32, 3, "group", "per_batch"),   # GroupNorm: see test note
+    ("resnet18", 0.125, 32, 3, "group", "per_batch"),
 ]
 
 
 @pytest.mark.parametrize("name,width,size,channels,norm,force", CASES)
 def test_split_backends_match_dense(name, width, size, channels, norm, force):
   model = _model(name, width, size, channels, norm)
+  floor = name == "resnet18"
   result = verify.compare(model, ["inline", "local"], batch_size=3,
                           decomposition=DecompositionConfig(rank_fraction=0.25, tau=0.1),
-                          force=force)
+                          force=force, floor=floor)
   assert {r["name"] for r in result["backends"]} == {"inline", "local"}
   assert result["max_rel_err_loss"] <= TOL, result
-  assert result["max_rel_err_grads"] <= TOL, result
+  # ResNet18 reaches 1x1 spatial size at 32x32, where dense itself moves by more
+  # than 1e-4 under float32-rounding perturbations: bound it by that floor.
+  tol = max(TOL, 2 * result["float32_floor"]["rel_err_grads"]) if floor else TOL
+  assert result["max_rel_err_grads"] <= tol, result
   # The split really happened somewhere (otherwise the check would be vacuous).
   modes = set().union(*[r["modes"] for r in result["backends"]])
   assert modes & {"per_sample", "per_batch"}
@@ -119,11 +119,14 @@ def test_eval_metrics_agree_across_backends():
 
 
 def test_unknown_backend_lists_choices():
-  with pytest.raises(ValueError, match=r"choices: dense, inline, local"):
+  with pytest.raises(ValueError, match=r"choices: dense, (enclave, )?inline, local"):
     bk.make_backend("gpu_magic", _model("vgg11", 0.25), key=jax.random.key(0), batch_size=2)
-  with pytest.raises(ValueError, match="enclave bridge"):
-    if "enclave" in bk.available_backends():
-      raise ValueError("enclave bridge registered")
+
+
+def test_process_backend_without_the_bridge_says_how_to_get_it(monkeypatch):
+  monkeypatch.setattr(bk, "_REGISTRY", {k: v for k, v in bk._REGISTRY.items()
+                                        if k not in bk.PROCESS_BACKENDS})
+  with pytest.raises(ValueError, match="import enclave_bridge first"):
     bk.make_backend("enclave", _model("vgg11", 0.25), key=jax.random.key(0), batch_size=2)
 
 
