@@ -28,6 +28,7 @@ neither drop a forward whose value is unused nor run a backward before it.
 from __future__ import annotations
 
 import abc
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -203,6 +204,7 @@ class HostBackend(Backend):
     self.name, self.model, self.plan = name, model, plan
     self._residual_dtype = residual_dtype
     self._fault: BaseException | None = None
+    self.wall_seconds = 0.0  # total time in grads/evaluate (for time breakdowns)
 
     def guard(fn):
       def call(*args):
@@ -259,13 +261,21 @@ class HostBackend(Backend):
       self._end(tag)
 
   def grads(self, params, stats, batch, step):
-    n = self._begin(int(step), batch, True)
-    return self._run(self._grad, int(step), params, stats, jnp.int32(step), batch_size=n)
+    t0 = time.perf_counter()
+    try:
+      n = self._begin(int(step), batch, True)
+      return self._run(self._grad, int(step), params, stats, jnp.int32(step), batch_size=n)
+    finally:
+      self.wall_seconds += time.perf_counter() - t0
 
   def evaluate(self, params, stats, batch, index):
+    t0 = time.perf_counter()
     tag = -1 - int(index)
-    n = self._begin(tag, batch, False)
-    return self._run(self._eval, tag, params, stats, jnp.int32(tag), batch_size=n)
+    try:
+      n = self._begin(tag, batch, False)
+      return self._run(self._eval, tag, params, stats, jnp.int32(tag), batch_size=n)
+    finally:
+      self.wall_seconds += time.perf_counter() - t0
 
 
 class LocalBackend(HostBackend):

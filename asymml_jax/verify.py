@@ -107,6 +107,10 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
   Returns:
     ``{"model", "backends": [...], "max_rel_err_loss", "max_rel_err_grads"}``.
   """
+  unknown = [n for n in backend_names if n not in bk.available_backends()]
+  if unknown:  # before any compilation
+    raise ValueError(f"unknown backend {unknown[0]!r}; choices: "
+                     f"{', '.join(bk.available_backends())}")
   key = jax.random.key(seed)
   init_key, trusted_key = jax.random.split(key)
   variables = model.init(init_key)

@@ -218,7 +218,6 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
     bk.HostBackend.__init__(self, model, plan, name="enclave", residual_dtype=residual_dtype)
     self._sigs: dict[tuple[bool, int], list] = {}
     self._train_of: dict[int, bool] = {}
-    self._step_wall = 0.0
     self._connect("enclave", model, plan, options)
 
   def _signatures(self, train: bool, batch_size: int):
@@ -267,30 +266,16 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
                ("dloss", "loss_gradient", np.asarray(dloss, np.float32))))
     return out["dyr"] or {}, out["dparams"]
 
-  def grads(self, params, stats, batch, step):
-    t0 = time.perf_counter()
-    try:
-      return super().grads(params, stats, batch, step)
-    finally:
-      self._step_wall += time.perf_counter() - t0
-
-  def evaluate(self, params, stats, batch, index):
-    t0 = time.perf_counter()
-    try:
-      return super().evaluate(params, stats, batch, index)
-    finally:
-      self._step_wall += time.perf_counter() - t0
-
   def breakdown(self) -> dict[str, float]:
     t = super().breakdown()
     if not t:
       return t
     server_copy = max(0.0, t["server_s"] - t["compute_s"])
-    return {"steps_wall_s": self._step_wall,
+    return {"steps_wall_s": self.wall_seconds,
             "trusted_compute_s": t["compute_s"],
             "transfer_s": t["client_copy_s"] + server_copy,
             "waiting_s": max(0.0, t["call_s"] - t["server_s"] - t["client_copy_s"]),
-            "untrusted_compute_s": max(0.0, self._step_wall - t["call_s"]),
+            "untrusted_compute_s": max(0.0, self.wall_seconds - t["call_s"]),
             "bridge_calls": t["calls"]}
 
   def summary_extras(self) -> dict:

@@ -27,7 +27,8 @@ CASES = [
     ("vgg11", 0.25, 32, 3, "batch", None),
     ("vgg11", 0.25, 32, 1, "group", None),       # grayscale: first conv fully trusted
     ("resnet20", 0.5, 32, 3, "batch", None),
-    ("resnet18", 0.125, 32, 3, "group", "per_batch"),
+    ("vgg11", 0.25, 32, 3, "group", "per_batch"),
+    pytest.param("resnet18", 0.125, 32, 3, "group", "per_batch", marks=pytest.mark.slow),
 ]
 
 
