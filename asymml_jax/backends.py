@@ -40,6 +40,7 @@ from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.executor import TrustedExecutor, to_numpy
 from asymml_jax.models.base import StagedModel
 from asymml_jax.plan import Plan, make_plan
+from asymml_jax.privacy.config import PrivacyConfig
 
 Tree = Any
 
@@ -334,26 +335,38 @@ def available_backends() -> tuple[str, ...]:
 
 
 def make_plan_for(name: str, model: StagedModel, batch_size: int,
-                  decomposition: DecompositionConfig, force: str | None = None) -> Plan:
+                  decomposition: DecompositionConfig, force: str | None = None, *,
+                  privacy: PrivacyConfig = PrivacyConfig(),
+                  expected_batch_size: float | None = None) -> Plan:
   """The plan a backend runs: ``dense`` forces everything untrusted, ``tee_only`` trusted."""
   if name == "dense":
     force = "dense"
   elif name == "tee_only":
     force = "trusted"
-  return make_plan(model, batch_size, decomposition, force=force)
+  return make_plan(model, batch_size, decomposition, force=force, privacy=privacy,
+                   expected_batch_size=expected_batch_size)
 
 
 def make_backend(name: str, model: StagedModel, *, key: jax.Array, batch_size: int,
                  decomposition: DecompositionConfig = DecompositionConfig(),
-                 force: str | None = None, **options) -> Backend:
-  """Builds backend ``name`` for ``model``; unknown names list the choices."""
+                 force: str | None = None, privacy: PrivacyConfig = PrivacyConfig(),
+                 expected_batch_size: float | None = None, **options) -> Backend:
+  """Builds backend ``name`` for ``model``; unknown names list the choices.
+
+  ``privacy`` must have its noise multiplier fixed (not a target epsilon):
+  calibration needs the run length, which :mod:`asymml_jax.train` knows.
+  """
+  if privacy.enabled and privacy.target_epsilon is not None:
+    raise ValueError("make_backend needs a fixed noise_multiplier: calibrate the "
+                     "target epsilon first (asymml_jax.privacy.accounting)")
   if name not in _REGISTRY:
     hint = ""
     if name in PROCESS_BACKENDS:
       hint = f" ({name!r} is provided by the enclave bridge: import enclave_bridge first)"
     raise ValueError(f"unknown backend {name!r}; choices: "
                      f"{', '.join(available_backends())}{hint}")
-  plan = make_plan_for(name, model, batch_size, decomposition, force)
+  plan = make_plan_for(name, model, batch_size, decomposition, force, privacy=privacy,
+                       expected_batch_size=expected_batch_size)
   return _REGISTRY[name](model, plan, key, **options)
 
 

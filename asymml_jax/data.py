@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import math
 import os
 import pickle
 from typing import Any, Iterator
@@ -572,6 +573,74 @@ def _train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed
         "mask": mask.copy(),
     }
     step += 1
+
+
+def poisson_max_batch(expected_batch_size: float, num_examples: int) -> int:
+  """Fixed (padded) size of a Poisson-sampled batch: mean + 4 standard deviations.
+
+  A batch of ``Binomial(N, q)`` examples, ``q = expected / N``, exceeds it with
+  probability about ``3e-5`` per step (normal tail; ~2% over 700 steps).  Such
+  a draw is truncated to the first ``max_batch`` sampled examples, reported
+  (``truncated``) and counted in the run summary; it is never recompiled.  The
+  pad costs ``4 sqrt(q N)`` extra rows of compute (97 rows for 64 expected).
+  """
+  n, mean = int(num_examples), float(expected_batch_size)
+  if n < 1 or not 0 < mean <= n:
+    raise ValueError(f"expected batch size must be in (0, {n}], got {expected_batch_size!r}")
+  q = mean / n
+  return int(min(n, math.ceil(mean + 4.0 * math.sqrt(n * q * (1 - q)) + 1)))
+
+
+def poisson_indices(num_examples: int, sampling_rate: float, *, rng: np.random.Generator,
+                    max_batch: int) -> tuple[np.ndarray, np.ndarray, bool]:
+  """One Poisson-sampled batch: each example independently with probability ``q``.
+
+  The sampling the DP accountant assumes (DESIGN section 7).  The batch is
+  padded to ``max_batch`` with index 0 and mask 0 so that its shape never
+  changes.
+
+  Args:
+    num_examples: ``N``.
+    sampling_rate: ``q`` in ``(0, 1]``.
+    rng: the sampler's generator (inside the TEE: keyed from the trusted seed).
+    max_batch: padded size.
+
+  Returns:
+    ``(indices (max_batch,) int64, mask (max_batch,) float32, truncated)``.
+  """
+  if not 0 < sampling_rate <= 1:
+    raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
+  chosen = np.flatnonzero(rng.random(int(num_examples)) < sampling_rate)
+  truncated = len(chosen) > max_batch
+  chosen = chosen[:max_batch]
+  idx = np.zeros((max_batch,), np.int64)
+  idx[:len(chosen)] = chosen
+  mask = np.zeros((max_batch,), np.float32)
+  mask[:len(chosen)] = 1.0
+  return idx, mask, truncated
+
+
+def poisson_batch(images: np.ndarray, labels: np.ndarray, expected_batch_size: float, *,
+                  seed: Any, step: int) -> tuple[dict[str, np.ndarray], bool]:
+  """The Poisson-sampled, padded batch of step ``step`` (a pure function of ``(seed, step)``).
+
+  Padding rows are zero images with label 0 and mask 0.
+
+  Returns:
+    ``(batch, truncated)``; ``batch`` has ``image``, ``label``, ``mask`` of
+    :func:`poisson_max_batch` rows.
+  """
+  n = _check_pair(images, labels)
+  if step < 0:
+    raise ValueError(f"step must be >= 0, got {step}")
+  max_batch = poisson_max_batch(expected_batch_size, n)
+  seed = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+  rng = np.random.default_rng([*seed, 3, int(step)])
+  idx, mask, truncated = poisson_indices(n, expected_batch_size / n, rng=rng,
+                                         max_batch=max_batch)
+  image = np.asarray(images[idx], dtype=np.float32) * mask[:, None, None, None]
+  label = np.where(mask > 0, np.asarray(labels[idx]), 0).astype(np.int32)
+  return {"image": image, "label": label, "mask": mask}, truncated
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray,

@@ -13,7 +13,10 @@ VJP of stage ``k``.  It answers two calls:
 Backward of stage ``k`` combines the accelerator's cotangent of the residuals
 ``dR`` with the cotangent of the private outputs (``dP``, shortcut gradients)
 that backward of stage ``k+1`` left in the state, so the sum
-``dX = dR (I - U U^T) + dP U^T`` is formed in the trusted side only.  Calls are
+``dX = dR (I - U U^T) + dP U^T`` is formed in the trusted side only.  With
+gradient protection, ``dR`` is itself the sum of the accelerator's
+``conv^T(dY_R, W)`` and the TEE's ``conv^T(dY_L, W)``, which stage ``k+1``
+leaves as the cotangent of the released residual it kept (``priv['r']``).  Calls are
 idempotent for a repeated ``(tag, stage)``; a step's state is dropped when the
 backward of stage 0 is done (or :meth:`end` is called).
 """

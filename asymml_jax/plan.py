@@ -23,6 +23,7 @@ from typing import Mapping
 
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.models.base import StagedModel
+from asymml_jax.privacy.config import PrivacyConfig
 
 MODES: tuple[str, ...] = ("dense", "trusted", "per_sample", "per_batch")
 SPLIT_MODES: tuple[str, ...] = ("per_sample", "per_batch")
@@ -57,12 +58,46 @@ class SitePlan:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
-  """Per-site modes and costs for a model, batch size and decomposition config."""
+  """Per-site modes and costs for a model, batch size and decomposition config.
+
+  Attributes:
+    model: model name.
+    batch_size: rows of a (padded) batch: the static shape every stage sees.
+    decomposition: the rank rule.
+    sites: per-site decisions.
+    privacy: what the trusted stages do to every release (clipping, noise,
+      gradient protection; DESIGN sections 3 and 7), with ``noise_multiplier``
+      already fixed (calibrated) when DP is on.
+    expected_batch_size: with Poisson sampling, the expected number of real
+      examples per batch; the loss divides by it instead of the realised
+      count, so one example's gradient never depends on which others were
+      drawn (the per-example sensitivity DP needs).  ``None``: the count.
+  """
 
   model: str
   batch_size: int
   decomposition: DecompositionConfig
   sites: Mapping[str, SitePlan]
+  privacy: PrivacyConfig = PrivacyConfig()
+  expected_batch_size: float | None = None
+
+  @property
+  def protects_gradients(self) -> bool:
+    """Whether output gradients of split convolutions are decomposed before leaving."""
+    return self.privacy.gradient_protection == "decompose"
+
+  def releases_per_step(self, train: bool = True) -> int:
+    """``L``: tensors released per example and step (DESIGN section 7, accounting).
+
+    One residual per split site in the forward pass and, in training with
+    gradient protection, one output-gradient residual per convolution reading
+    a split site.
+    """
+    split = [s for s in self.sites.values() if s.split]
+    n = len(split)
+    if train and self.protects_gradients:
+      n += sum(len(s.consumers) for s in split)
+    return n
 
   @property
   def dense_macs(self) -> int:
@@ -116,6 +151,9 @@ class Plan:
         "untrusted_macs": self.untrusted_macs,
         "bytes_across": self.bytes_across,
         "trusted_mac_ratio": self.trusted_mac_ratio,
+        "privacy": dataclasses.asdict(self.privacy),
+        "expected_batch_size": self.expected_batch_size,
+        "releases_per_step": self.releases_per_step(),
     }
 
 
@@ -143,7 +181,9 @@ def site_costs(model: StagedModel, site: str, mode: str, r: int, batch_size: int
 
 def make_plan(model: StagedModel, batch_size: int,
               decomposition: DecompositionConfig = DecompositionConfig(), *,
-              allow_per_batch: bool | None = None, force: str | None = None) -> Plan:
+              allow_per_batch: bool | None = None, force: str | None = None,
+              privacy: PrivacyConfig = PrivacyConfig(),
+              expected_batch_size: float | None = None) -> Plan:
   """Chooses a mode for every site of ``model``.
 
   Args:
@@ -154,6 +194,9 @@ def make_plan(model: StagedModel, batch_size: int,
     force: ``dense`` (everything untrusted: the GPU-only baseline),
       ``trusted`` (TEE-only), or a split mode applied wherever a split is
       possible (sites with ``r_max >= min(C, HW)`` stay trusted).
+    privacy: release settings (see :class:`Plan`); DP mode never plans
+      ``per_batch`` (it mixes samples).
+    expected_batch_size: see :class:`Plan`.
 
   Returns:
     The :class:`Plan`.
@@ -164,6 +207,10 @@ def make_plan(model: StagedModel, batch_size: int,
     raise ValueError(f"force must be one of {MODES}, got {force!r}")
   if allow_per_batch is None:
     allow_per_batch = decomposition.scope == "per_batch"
+  if privacy.enabled:
+    if allow_per_batch or force == "per_batch":
+      raise ValueError("privacy is enabled: per_batch subspaces mix samples (one sample's "
+                       "residual would depend on the others); use scope='per_sample'")
   sites = {}
   for index, site in enumerate(model.site_order):
     h, w, c = model.site_shapes[site]
@@ -186,4 +233,4 @@ def make_plan(model: StagedModel, batch_size: int,
         consumers=tuple(cv.name for cv in model.consumers(site)), dense_macs=dense,
         trusted_macs=trusted, untrusted_macs=untrusted, bytes_across=nbytes)
   return Plan(model=model.name, batch_size=batch_size, decomposition=decomposition,
-              sites=sites)
+              sites=sites, privacy=privacy, expected_batch_size=expected_batch_size)

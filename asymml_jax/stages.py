@@ -30,6 +30,8 @@ from asymml_jax import decomposition as dec
 from asymml_jax import ops
 from asymml_jax.models.base import StagedModel
 from asymml_jax.plan import Plan
+from asymml_jax.privacy import gradients as grad_lib
+from asymml_jax.privacy import noise as noise_lib
 
 Tree = Any
 # hook(k, yr, params_k, stats_k) -> (rs, loss | None, metrics | None, new_stats_k)
@@ -37,8 +39,54 @@ TrustedHook = Callable[[int, dict, dict, dict], tuple[dict, Any, Any, dict]]
 
 
 def empty_private() -> dict:
-  """Private state carried between trusted stages."""
-  return {"carry": {}, "x": {}, "p": {}, "u": {}}
+  """Private state carried between trusted stages.
+
+  ``carry`` (shortcuts), and per site: ``x`` (activations of fully trusted
+  convs), ``p``/``u`` (principal channels) and ``r`` (the released residual,
+  kept for the TEE's share of the weight gradient under gradient protection).
+  """
+  return {"carry": {}, "x": {}, "p": {}, "u": {}, "r": {}}
+
+
+# Key streams of one step (DESIGN section 11): site ``i`` decomposes with
+# ``fold_in(key, i)`` and noises its release with ``fold_in(fold_in(key, i),
+# ACTIVATION_NOISE)``; conv ``j``'s output gradient uses
+# ``fold_in(fold_in(key, GRADIENT_STREAM), j)``.
+ACTIVATION_NOISE = 1
+GRADIENT_STREAM = 0x67726164  # "grad": far above any site index
+
+
+def site_key(key: jax.Array, index: int) -> jax.Array:
+  """Key of site ``index``'s subspace start block."""
+  return jax.random.fold_in(key, index)
+
+
+def release_noise_key(key: jax.Array, index: int) -> jax.Array:
+  """Key of site ``index``'s release noise (never the decomposition's key)."""
+  return jax.random.fold_in(site_key(key, index), ACTIVATION_NOISE)
+
+
+def gradient_key(key: jax.Array, conv_index: int) -> jax.Array:
+  """Key of conv ``conv_index``'s output-gradient decomposition and noise."""
+  return jax.random.fold_in(jax.random.fold_in(key, GRADIENT_STREAM), conv_index)
+
+
+def release_residual(plan: Plan, residual: jax.Array, key: jax.Array, index: int) -> jax.Array:
+  """What site ``index`` releases: ``R``, or ``clip(R) + noise`` in DP mode (section 7)."""
+  pc = plan.privacy
+  if not pc.enabled:
+    return residual
+  return noise_lib.clip_and_noise(residual, release_noise_key(key, index), clip=pc.clip,
+                                  noise_multiplier=pc.noise_multiplier)
+
+
+def gradient_release(model: StagedModel, plan: Plan, conv) -> grad_lib.GradientRelease:
+  """Static settings of conv ``conv``'s protected output gradient."""
+  cfg, pc = plan.decomposition, plan.privacy
+  return grad_lib.GradientRelease(
+      spec=conv, r_max=cfg.r_max(conv.features), tau=cfg.tau, num_iters=cfg.num_iters,
+      min_rank=cfg.min_rank, clip=pc.grad_clip if pc.enabled else None,
+      noise_multiplier=pc.noise_multiplier if pc.enabled else 0.0)
 
 
 def stage_params(model: StagedModel, params: Tree, k: int) -> dict:
@@ -57,12 +105,17 @@ def step_key(key: jax.Array, step) -> jax.Array:
   return jax.random.fold_in(key, jnp.asarray(step, jnp.int32))
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array,
-                        mask: jax.Array) -> tuple[jax.Array, dict]:
-  """Masked mean softmax cross-entropy and aggregate metrics (trusted, last stage)."""
+def classification_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                        denominator: float | None = None) -> tuple[jax.Array, dict]:
+  """Masked mean softmax cross-entropy and aggregate metrics (trusted, last stage).
+
+  ``denominator`` (the expected batch size under Poisson sampling) replaces the
+  realised count, so one example's loss gradient does not depend on the others.
+  """
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   count = jnp.sum(mask)
-  loss = jnp.sum(ce * mask) / jnp.maximum(count, 1.0)
+  denom = jnp.maximum(count, 1.0) if denominator is None else jnp.float32(denominator)
+  loss = jnp.sum(ce * mask) / denom
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
   return loss, {"loss_sum": jnp.sum(ce * mask), "correct": correct, "count": count}
 
@@ -71,6 +124,11 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
                   stats_k: dict, yr: Mapping[str, jax.Array], priv_in: dict,
                   batch: Mapping[str, jax.Array], key: jax.Array, train: bool):
   """Trusted stage ``k`` as one pure function (DESIGN section 3, steps 3-5 and 1).
+
+  Releases follow ``plan.privacy`` (DESIGN section 7): residuals are clipped
+  and noised when DP is on, and with gradient protection each split conv's
+  ``Y_R`` passes through :func:`asymml_jax.privacy.gradients.protect_output`,
+  so the backward pass releases only ``dY_R``.
 
   Args:
     model: the staged model.
@@ -81,7 +139,8 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
     yr: ``conv(R, W)`` for each non-trusted conv of group ``k-1``, from the accelerator.
     priv_in: private state from stage ``k-1`` (:func:`empty_private` layout).
     batch: ``image`` (used by stage 0), ``label`` and ``mask`` (last stage).
-    key: the step's trusted key; site ``s`` decomposes with ``fold_in(key, index(s))``.
+    key: the step's trusted key; sites and output gradients derive theirs from
+      it (:func:`site_key`, :func:`release_noise_key`, :func:`gradient_key`).
     train: training mode (BatchNorm uses batch statistics).
 
   Returns:
@@ -100,9 +159,13 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
       elif sp.mode == "dense":
         y = yr[c.name]
       else:
+        y_r = yr[c.name].astype(jnp.float32)
+        if plan.protects_gradients:
+          y_r = grad_lib.protect_output(
+              y_r, priv_in["r"][c.site], p["kernel"],
+              gradient_key(key, model.conv_index(c.name)), gradient_release(model, plan, c))
         y = ops.combine(ops.lowrank_conv(priv_in["p"][c.site], priv_in["u"][c.site],
-                                         p["kernel"], c),
-                        yr[c.name].astype(jnp.float32), None)
+                                         p["kernel"], c), y_r, None)
       ys[c.name] = ops.combine(None, y, p.get("bias"))
   carry = dict(priv_in["carry"])
   if k == 0:
@@ -119,7 +182,8 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
     xs, carry = stage.apply(variables, ys, carry, train)
     new_stats = stats_k
   if k == model.num_stages - 1:
-    loss, metrics = classification_loss(xs["logits"], batch["label"], batch["mask"])
+    loss, metrics = classification_loss(xs["logits"], batch["label"], batch["mask"],
+                                        plan.expected_batch_size)
     return ({}, empty_private(), loss), (new_stats, metrics)
   rs, priv_out = {}, empty_private()
   priv_out["carry"] = carry
@@ -130,9 +194,11 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
     elif sp.mode == "trusted":
       priv_out["x"][site] = x
     else:
-      d = dec.decompose(x, jax.random.fold_in(key, sp.index), sp.r_max, tau=cfg.tau,
+      d = dec.decompose(x, site_key(key, sp.index), sp.r_max, tau=cfg.tau,
                         num_iters=cfg.num_iters, scope=sp.mode, min_rank=cfg.min_rank)
-      rs[site] = d.residual
+      rs[site] = release_residual(plan, d.residual, key, sp.index)
+      if plan.protects_gradients:
+        priv_out["r"][site] = rs[site]
       priv_out["p"][site] = d.p
       priv_out["u"][site] = d.u
   return (rs, priv_out, None), (new_stats, None)

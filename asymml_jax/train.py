@@ -36,6 +36,8 @@ from asymml_jax import data as data_lib
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.layers import NORMS
 from asymml_jax.models import MODELS, get_model
+from asymml_jax.privacy import accounting
+from asymml_jax.privacy.config import PrivacyConfig
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -67,6 +69,9 @@ class TrainConfig:
   augment_flip: bool = False
   augment_crop: int = 0
   decomposition: DecompositionConfig = DecompositionConfig()
+  # DP of the releases (clip, noise, gradient protection, Poisson sampling);
+  # ``batch_size`` is then the *expected* batch size.
+  privacy: PrivacyConfig = PrivacyConfig()
   max_steps: int = 0  # 0: no cap beyond num_epochs
   # Options for the process backends (enclave, tee_only): sealed_path, key_path,
   # mode, threads, arena_mb, ... (see enclave_bridge).
@@ -90,14 +95,18 @@ class TrainConfig:
     need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
     need(self.augment_crop >= 0, f"augment_crop must be >= 0, got {self.augment_crop}")
     need(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
+    need(not (self.privacy.enabled and self.backend == "dense"),
+         "privacy.enabled with backend='dense': the dense backend runs everything on "
+         "the untrusted device, so nothing would be protected; use inline, local or enclave")
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> "TrainConfig":
     """Builds from an ``ml_collections.ConfigDict`` (or dict); unknown keys are errors."""
     cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     dec = cfg.pop("decomposition", {}) or {}
+    priv = cfg.pop("privacy", {}) or {}
     known = {f.name for f in dataclasses.fields(cls)}
-    extra = sorted(set(cfg) - known - {"privacy"})
+    extra = sorted(set(cfg) - known)
     if extra:
       raise ValueError(f"config: unknown keys {extra}; known: {sorted(known)}")
     cfg = {k: v for k, v in cfg.items() if k in known}
@@ -107,7 +116,8 @@ class TrainConfig:
       decomposition = dec
     else:
       decomposition = DecompositionConfig(**dict(dec))
-    return cls(decomposition=decomposition, **cfg)
+    privacy = priv if isinstance(priv, PrivacyConfig) else PrivacyConfig(**dict(priv))
+    return cls(decomposition=decomposition, privacy=privacy, **cfg)
 
 
 @flax.struct.dataclass
@@ -197,6 +207,92 @@ def _json_default(x):
   return str(x)
 
 
+@dataclasses.dataclass
+class DpRun:
+  """The privacy side of one run: sampling, calibrated noise, epsilon (DESIGN section 7).
+
+  Attributes:
+    privacy: the config with ``noise_multiplier`` fixed (calibrated from
+      ``target_epsilon`` up front when one is given).
+    batch_rows: static rows of a batch (the padded size under Poisson sampling).
+    expected_batch_size: Poisson's expected batch size, else ``None``.
+    sampling_rate: ``q = batch_size / N``.
+    releases_per_step: ``L`` (:meth:`asymml_jax.plan.Plan.releases_per_step`).
+    target_epsilon: the configured target, if any.
+    truncated_steps: Poisson draws larger than ``batch_rows`` (truncated).
+  """
+
+  privacy: PrivacyConfig
+  batch_rows: int
+  expected_batch_size: float | None
+  sampling_rate: float
+  releases_per_step: int
+  target_epsilon: float | None = None
+  truncated_steps: int = 0
+
+  @classmethod
+  def make(cls, cfg: TrainConfig, model, num_train: int, total_steps: int) -> "DpRun":
+    pc = cfg.privacy
+    pc.validate_for(norm=cfg.norm, scope=cfg.decomposition.scope, num_examples=num_train)
+    poisson = pc.batch_sampling == "poisson"
+    rows = (data_lib.poisson_max_batch(cfg.batch_size, num_train) if poisson
+            else cfg.batch_size)
+    expected = float(cfg.batch_size) if poisson else None
+    q = cfg.batch_size / num_train
+    plan = bk.make_plan_for(cfg.backend, model, rows, cfg.decomposition,
+                            privacy=dataclasses.replace(pc, enabled=False),
+                            expected_batch_size=expected)
+    plan = dataclasses.replace(plan, privacy=pc)
+    releases = plan.releases_per_step(train=True)
+    if pc.enabled and pc.target_epsilon is not None:
+      sigma = (accounting.calibrate_noise_multiplier(
+          target_epsilon=pc.target_epsilon, delta=pc.delta, sampling_rate=q,
+          steps=total_steps, releases_per_step=releases) if releases else 0.0)
+      pc = pc.with_noise_multiplier(sigma)
+    return cls(privacy=pc, batch_rows=rows, expected_batch_size=expected, sampling_rate=q,
+               releases_per_step=releases, target_epsilon=cfg.privacy.target_epsilon)
+
+  def epsilon(self, steps: int) -> float:
+    """Epsilon after ``steps`` steps (PLD accountant); ``inf`` with DP off."""
+    pc = self.privacy
+    if not pc.enabled:
+      return float("inf")
+    if self.releases_per_step == 0 or steps == 0:
+      return 0.0
+    return accounting.epsilon(noise_multiplier=pc.noise_multiplier,
+                              sampling_rate=self.sampling_rate, steps=int(steps),
+                              releases_per_step=self.releases_per_step, delta=pc.delta)
+
+  def poisson_batches(self, ds, seed: int, start: int):
+    """``(step, batch)`` from ``start`` on: Poisson-sampled, padded, a pure function of the step."""
+    step = start
+    while True:
+      batch, truncated = data_lib.poisson_batch(ds.train_images, ds.train_labels,
+                                                self.expected_batch_size, seed=seed, step=step)
+      self.truncated_steps += int(truncated)
+      yield step, batch
+      step += 1
+
+  def describe(self, total_steps: int) -> str:
+    pc = self.privacy
+    return (f"privacy: sigma {pc.noise_multiplier:.4f}, clip {pc.clip:g}, grad_clip "
+            f"{pc.grad_clip:g}, q {self.sampling_rate:.4g}, L {self.releases_per_step} "
+            f"releases per example and step, delta {pc.delta:g}: epsilon "
+            f"{self.epsilon(total_steps):.3f} after {total_steps} steps")
+
+  def summary(self, steps: int) -> dict[str, Any]:
+    pc = self.privacy
+    return {"enabled": pc.enabled, "epsilon": self.epsilon(steps), "delta": pc.delta,
+            "noise_multiplier": pc.noise_multiplier, "clip": pc.clip,
+            "grad_clip": pc.grad_clip, "target_epsilon": self.target_epsilon,
+            "sampling": pc.batch_sampling, "sampling_rate": self.sampling_rate,
+            "steps": int(steps), "releases_per_step": self.releases_per_step,
+            "gradient_protection": pc.gradient_protection, "accountant": "pld",
+            "poisson_truncated_steps": self.truncated_steps,
+            "covers": "residual releases (forward and, with gradient protection, "
+                      "backward); not the trusted weight-gradient aggregate"}
+
+
 def _log(msg: str) -> None:
   print(msg, flush=True)
 
@@ -237,10 +333,12 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
   if cfg.max_steps:
     total_steps = min(total_steps, cfg.max_steps)
 
+  dp = DpRun.make(cfg, model, n_train, total_steps)
   root = jax.random.key(cfg.seed)
   init_key, trusted_key = jax.random.split(root)
-  backend = bk.make_backend(cfg.backend, model, key=trusted_key, batch_size=cfg.batch_size,
-                            decomposition=cfg.decomposition, **options)
+  backend = bk.make_backend(cfg.backend, model, key=trusted_key, batch_size=dp.batch_rows,
+                            decomposition=cfg.decomposition, privacy=dp.privacy,
+                            expected_batch_size=dp.expected_batch_size, **options)
   tx = make_optimizer(cfg, total_steps)
   state = create_state(model, tx, init_key)
   update = make_update_fn(tx)
@@ -258,7 +356,10 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
   log(backend.plan.table() if cfg.backend != "dense" else
       f"plan: dense backend (everything on the untrusted device)")
   log(f"training {cfg.model} on {info['name']} ({n_train} examples) with backend "
-      f"{cfg.backend}: {total_steps} steps of batch {cfg.batch_size}")
+      f"{cfg.backend}: {total_steps} steps of batch {cfg.batch_size}"
+      + (f" (Poisson, padded to {dp.batch_rows})" if dp.expected_batch_size else ""))
+  if dp.privacy.enabled:
+    log(dp.describe(total_steps))
 
   aug_rng = np.random.default_rng([cfg.seed, 1])
   t_start = time.perf_counter()
@@ -266,7 +367,9 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
   completed = start  # steps whose update is in `state`
   try:
     with backend:
-      if ds is not None:
+      if ds is not None and dp.expected_batch_size:
+        batches = dp.poisson_batches(ds, cfg.seed, start)
+      elif ds is not None:
         batches = data_lib.train_batches(ds.train_images, ds.train_labels, cfg.batch_size,
                                          seed=cfg.seed, start_step=start)
       else:  # the enclave samples step `s`'s batch itself
@@ -282,7 +385,7 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
         state = update(state, grads, new_stats)
         completed = step + 1
         window.append((float(loss), float(metrics["correct"]), float(metrics["count"])))
-        n_window += cfg.batch_size
+        n_window += int(window[-1][2])
         done = step + 1
         if not np.isfinite(window[-1][0]):
           raise FloatingPointError(f"loss became {window[-1][0]} at step {step}")
@@ -290,7 +393,8 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
           dt = time.perf_counter() - t_window
           loss_m = float(np.mean([w[0] for w in window]))
           acc = sum(w[1] for w in window) / max(1.0, sum(w[2] for w in window))
-          log(f"step {done}/{total_steps}  loss {loss_m:.4f}  train_acc {acc:.4f}  "
+          eps = f"  epsilon {dp.epsilon(done):.3f}" if dp.privacy.enabled else ""
+          log(f"step {done}/{total_steps}  loss {loss_m:.4f}  train_acc {acc:.4f}{eps}  "
               f"{n_window / max(dt, 1e-9):.1f} examples/s")
           t_window, n_window, window = time.perf_counter(), 0, []
         if done % cfg.checkpoint_every == 0 or done == total_steps:
@@ -323,14 +427,19 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
       "batch_size": cfg.batch_size,
       "wall_seconds": time.perf_counter() - t_start,
       "train_seconds_this_run": train_seconds,
-      "epsilon": float("inf"),
+      "epsilon": dp.epsilon(total_steps),
+      "privacy": dp.summary(total_steps),
       "plan": backend.plan.to_dict(),
       "config": dataclasses.asdict(cfg),
   }
   summary.update(extras)
+  if "poisson_truncated_steps" in extras:
+    summary["privacy"]["poisson_truncated_steps"] = extras.pop("poisson_truncated_steps")
+    summary.pop("poisson_truncated_steps", None)
   write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   log(f"test_accuracy {ev['accuracy']:.4f} on {ev['count']} held-out examples "
-      f"({cfg.backend}, {summary['wall_seconds']:.1f} s)")
+      f"({cfg.backend}, {summary['wall_seconds']:.1f} s), epsilon {summary['epsilon']:.4g}"
+      + (f" at delta {dp.privacy.delta:g}" if dp.privacy.enabled else ""))
   return summary
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from asymml_jax import backends as bk
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.models.base import StagedModel
+from asymml_jax.privacy.config import PrivacyConfig
 
 
 def rel_err(x, ref) -> float:
@@ -88,7 +89,7 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
             seed: int = 0, force: str | None = None,
             backend_options: Mapping[str, Mapping[str, Any]] | None = None,
             prepare: Callable[[str, Mapping[str, Any]], Mapping[str, Any]] | None = None,
-            floor: bool = True) -> dict[str, Any]:
+            floor: bool = True, gradient_protection: str = "decompose") -> dict[str, Any]:
   """Runs one batch through ``dense`` and every listed backend and compares.
 
   Args:
@@ -100,6 +101,8 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
     force: optional plan override for the split backends (e.g. ``per_batch``).
     backend_options: per-backend factory options.
     floor: also measure :func:`float32_floor` (one more dense compilation).
+    gradient_protection: ``decompose`` (only ``dY_R`` leaves; the TEE adds its
+      shares) or ``none`` (the full ``dY`` leaves); noise stays off either way.
     prepare: ``prepare(name, batch) -> options`` for backends whose trusted side
       owns the data (``enclave``, ``tee_only``): it must make that side hold
       exactly ``batch`` (e.g. seal it); such backends get ``batch=None``.
@@ -111,6 +114,7 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
   if unknown:  # before any compilation
     raise ValueError(f"unknown backend {unknown[0]!r}; choices: "
                      f"{', '.join(bk.available_backends())}")
+  privacy = PrivacyConfig(gradient_protection=gradient_protection)
   key = jax.random.key(seed)
   init_key, trusted_key = jax.random.split(key)
   variables = model.init(init_key)
@@ -126,7 +130,7 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
         raise ValueError(f"backend {name!r} holds its own data: pass prepare=")
       opts.update(prepare(name, batch))
     with bk.make_backend(name, model, key=trusted_key, batch_size=batch_size,
-                         decomposition=decomposition,
+                         decomposition=decomposition, privacy=privacy,
                          force=None if name == "dense" else force, **opts) as backend:
       t0 = time.perf_counter()
       loss, grads, _, _ = backend.grads(variables["params"], variables["batch_stats"],
@@ -158,6 +162,7 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
       "model": model.name,
       "input_shape": list(model.input_shape),
       "batch_size": batch_size,
+      "gradient_protection": gradient_protection,
       "backends": rows,
       "max_rel_err_loss": max((r["rel_err_loss"] for r in rows), default=0.0),
       "max_rel_err_grads": max((r["rel_err_grads"] for r in rows), default=0.0),

@@ -138,9 +138,16 @@ class BridgeClient:
 
 
 # ------------------------------------------------------------------ backends
+def output_gradient_class(plan: Plan) -> str:
+  """Ledger class of the output gradients a plan releases (section 3, "Backward")."""
+  return "output_gradient_residual" if plan.protects_gradients else "output_gradient"
+
+
 def _hello_config(backend: str, model: StagedModel, plan: Plan, options: Mapping) -> dict:
   return {"backend": backend, "model": model.name, "width": model.width, "norm": model.norm,
           "decomposition": dict(plan.decomposition.__dict__),
+          "privacy": dict(plan.privacy.__dict__),
+          "expected_batch_size": plan.expected_batch_size,
           "batch_size": plan.batch_size,
           "eval_batch_size": int(options.get("eval_batch_size", plan.batch_size)),
           "seed": int(options.get("seed", 0)),
@@ -260,7 +267,7 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
     sig = self._signatures(train, n)[k]
     _, out = self.client.call(
         Op.BACKWARD, tag=tag, stage=k,
-        expect={"dyr": ("output_gradient", sig["yr"]),
+        expect={"dyr": (output_gradient_class(self.plan), sig["yr"]),
                 "dparams": ("trusted_weight_gradient", sig["params"])},
         parts=(("drs", "residual_gradient", drs),
                ("dloss", "loss_gradient", np.asarray(dloss, np.float32))))

@@ -37,13 +37,21 @@ LEDGER: dict[str, TensorClass] = {c.name: c for c in [
                 "low-rank residual R = X - U U^T X (the top principal channels stay in "
                 "the enclave); per-sample clipped and Gaussian-noised when privacy is on",
                 "forward, split sites", "input of the accelerator's convolution"),
+    TensorClass("output_gradient_residual", TO_UNTRUSTED,
+                "(B, Ho, Wo, Cout) of each split conv",
+                "residual dY_R = dY - Q Q^T dY of the output gradient (its top principal "
+                "output channels stay in the enclave); per-sample clipped (grad_clip) "
+                "and Gaussian-noised when privacy is on",
+                "training, gradient_protection=decompose (default)",
+                "cotangent of the accelerator's convolution output"),
     TensorClass("output_gradient", TO_UNTRUSTED, "(B, Ho, Wo, Cout) of each split conv",
                 "none: the full dY, as the reference implementation (its zero pattern "
                 "reveals ReLU masks)", "training, gradient_protection=none",
                 "cotangent of the accelerator's convolution output"),
     TensorClass("trusted_weight_gradient", TO_UNTRUSTED, "shape of each parameter",
-                "aggregate over the batch (the enclave's share of dW and the "
-                "normalisation/head gradients)", "training", "summed by the untrusted optimizer"),
+                "aggregate over the batch, not noised (the enclave's share of dW: "
+                "corr(X_L, dY) + corr(R, dY_L), and the normalisation/head gradients); "
+                "not covered by epsilon", "training", "summed by the untrusted optimizer"),
     TensorClass("batch_statistics", TO_UNTRUSTED, "(C,) per BatchNorm layer",
                 "aggregate over the batch (running means and variances)",
                 "training with BatchNorm", "public model state"),
@@ -64,7 +72,7 @@ LEDGER: dict[str, TensorClass] = {c.name: c for c in [
                 "forward, split convs", "conv(R, W) from the accelerator"),
     TensorClass("residual_gradient", TO_ENCLAVE, "(B, H, W, C) of each split site",
                 "derived from released tensors; checked finite", "training",
-                "conv^T(dY, W) from the accelerator"),
+                "conv^T(dY_R, W) (conv^T(dY, W) without protection) from the accelerator"),
     TensorClass("loss_gradient", TO_ENCLAVE, "scalar", "public", "training",
                 "cotangent of the loss"),
 ]}
@@ -81,7 +89,7 @@ def check(cls: str, direction: str) -> TensorClass:
 
 
 def expected_classes(backend: str, *, train: bool, batch_norm: bool,
-                     gradient_protection: str = "none") -> set[str]:
+                     gradient_protection: str = "decompose") -> set[str]:
   """Classes a run of ``backend`` is declared to move (for traffic checks)."""
   if backend == "tee_only":
     out = {"metrics", "public_weights"}
@@ -97,8 +105,8 @@ def expected_classes(backend: str, *, train: bool, batch_norm: bool,
     out |= {"public_batch_stats", "batch_statistics"}
   if train:
     out |= {"trusted_weight_gradient", "residual_gradient", "loss_gradient"}
-    if gradient_protection == "none":
-      out.add("output_gradient")
+    out.add("output_gradient" if gradient_protection == "none"
+            else "output_gradient_residual")
   return out
 
 

@@ -112,9 +112,11 @@ class EnclaveServer:
     import jax
     from asymml_jax import backends as bk
     from asymml_jax import stages as st
+    from asymml_jax import data
     from asymml_jax.decomposition import DecompositionConfig
     from asymml_jax.executor import TrustedExecutor
     from asymml_jax.models import get_model
+    from asymml_jax.privacy.config import PrivacyConfig
     if self.cfg is not None:
       raise pr.StateError("HELLO was already received")
     c = msg.meta
@@ -126,8 +128,12 @@ class EnclaveServer:
                         input_shape=self.ds.image_shape, width=float(c["width"]),
                         norm=str(c["norm"]))
       decomposition = DecompositionConfig(**dict(c["decomposition"]))
+      privacy = PrivacyConfig(**dict(c.get("privacy") or {}))
+      n_train = len(self.ds.train_labels)
       batch_size, eval_bs = int(c["batch_size"]), int(c["eval_batch_size"])
-      if not 1 <= batch_size <= len(self.ds.train_labels) or eval_bs < 1:
+      expected = c.get("expected_batch_size")
+      expected = None if expected is None else float(expected)
+      if not 1 <= batch_size <= n_train or eval_bs < 1:
         raise ValueError(f"batch sizes {batch_size}, {eval_bs} out of range")
       seed = int(c["seed"])
       residual_dtype = {"float32": None, "bfloat16": "bfloat16"}[str(c.get("residual_dtype", "float32"))]
@@ -137,8 +143,25 @@ class EnclaveServer:
       arena = Arena.attach(str(c["arena"]), region)
     except (KeyError, TypeError, ValueError, OSError) as e:
       raise pr.MalformedFrame(f"bad HELLO config: {type(e).__name__}: {e}") from None
+    # The enclave enforces the DP rules itself (DESIGN section 7), whatever the
+    # untrusted side believes.
+    try:
+      if privacy.enabled and privacy.target_epsilon is not None:
+        raise ValueError("the noise multiplier must be fixed (calibrated) before HELLO")
+      privacy.validate_for(norm=model.norm, scope=decomposition.scope, num_examples=n_train)
+      if privacy.batch_sampling == "poisson":
+        if expected is None:
+          raise ValueError("Poisson sampling needs expected_batch_size")
+        if batch_size != data.poisson_max_batch(expected, n_train):
+          raise ValueError(f"batch_size {batch_size} is not the padded Poisson size "
+                           f"{data.poisson_max_batch(expected, n_train)} for "
+                           f"{expected:g} expected of {n_train}")
+    except ValueError as e:
+      arena.close()
+      raise pr.StateError(f"privacy settings refused: {e}") from None
     self.arena = arena
-    plan = bk.make_plan_for(backend, model, batch_size, decomposition)
+    plan = bk.make_plan_for(backend, model, batch_size, decomposition, privacy=privacy,
+                            expected_batch_size=expected)
     client_modes = c.get("modes")
     modes = {s: p.mode for s, p in plan.sites.items()}
     if client_modes is not None and client_modes != modes:
@@ -148,6 +171,8 @@ class EnclaveServer:
     self.batch_size, self.eval_bs, self.backend = batch_size, eval_bs, backend
     self.augment = (bool(c.get("augment_flip", False)), int(c.get("augment_crop", 0)))
     self.executor = TrustedExecutor(model, plan, key)
+    self.sampler_seed = trusted_seed(self._seal_key, seed ^ 0x5A4D504C)  # private batches
+    self.truncated_steps = 0
     self.sigs = {True: st.stage_signatures(model, plan, batch_size, True, residual_dtype),
                  False: st.stage_signatures(model, plan, eval_bs, False, residual_dtype)}
     self.train_tags: dict[int, bool] = {}
@@ -165,8 +190,15 @@ class EnclaveServer:
     if train:
       if tag < 0:
         raise pr.StateError(f"training steps are >= 0, got {tag}")
-      _, batch = next(data.train_batches(self.ds.train_images, self.ds.train_labels,
-                                         self.batch_size, seed=self.seed, start_step=tag))
+      if self.plan.privacy.batch_sampling == "poisson":
+        # Batch composition is private: sampled with the enclave's own seed.
+        batch, truncated = data.poisson_batch(
+            self.ds.train_images, self.ds.train_labels, self.plan.expected_batch_size,
+            seed=self.sampler_seed, step=tag)
+        self.truncated_steps += int(truncated)
+      else:
+        _, batch = next(data.train_batches(self.ds.train_images, self.ds.train_labels,
+                                           self.batch_size, seed=self.seed, start_step=tag))
       flip, crop = self.augment
       if flip or crop:
         batch = data.augment(batch, np.random.default_rng([self.seed, 2, tag]),
@@ -232,7 +264,8 @@ class EnclaveServer:
                                                          ins["dloss"]))
     dt = time.perf_counter() - t0
     self.compute_seconds += dt
-    return {"compute_s": dt}, self._write([("dyr", "output_gradient", dyr),
+    cls = "output_gradient_residual" if self.plan.protects_gradients else "output_gradient"
+    return {"compute_s": dt}, self._write([("dyr", cls, dyr),
                                            ("dparams", "trusted_weight_gradient", dparams)])
 
   def _on_end(self, msg: pr.Message):
@@ -267,7 +300,8 @@ class EnclaveServer:
 
   def _on_stats(self, msg: pr.Message):
     return {"compute_s_total": self.compute_seconds, "copy_s_total": self.copy_seconds,
-            "calls": self.calls, "traffic_in": self.traffic_in.summary(),
+            "calls": self.calls, "poisson_truncated_steps": getattr(self, "truncated_steps", 0),
+            "traffic_in": self.traffic_in.summary(),
             "traffic_out": self.traffic_out.summary(),
             "open_steps": list(getattr(self, "executor", None).open_steps
                                if getattr(self, "executor", None) else [])}, ()

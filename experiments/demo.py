@@ -18,12 +18,14 @@ from absl import app, flags, logging
 import enclave_bridge  # registers the enclave backends
 from asymml_jax import data, train
 from enclave_bridge import seal
-from experiments.configs import mnist
+from experiments.configs import mnist, mnist_dp
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
 _BACKEND = flags.DEFINE_enum("backend", "enclave", ["enclave", "tee_only", "local", "inline"],
                              "Backend to train with.")
 _EPOCHS = flags.DEFINE_float("num_epochs", None, "Override the config's epochs.")
+_CONFIG = flags.DEFINE_enum("config", "mnist", ["mnist", "mnist_dp"],
+                            "mnist (no noise) or mnist_dp (epsilon 8, delta 1e-5).")
 
 
 def ensure_sealed(workdir: str) -> tuple[str, str]:
@@ -46,16 +48,23 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   sealed, key = ensure_sealed(workdir)
-  config = mnist.get_config()
+  config = (mnist_dp if _CONFIG.value == "mnist_dp" else mnist).get_config()
   config.backend = _BACKEND.value
   if _EPOCHS.value is not None:
     config.num_epochs = _EPOCHS.value
   config.bridge.sealed_path, config.bridge.key_path = sealed, key
   config.bridge.workdir = os.path.join(workdir, "enclave")
   s = train.train_and_evaluate(config, os.path.join(workdir, "train"))
-  print("\n=== AsymML demo: MNIST-5k, vgg11 (width 0.25) ===")
+  print(f"\n=== AsymML demo: MNIST-5k, vgg11 (width 0.25), config {_CONFIG.value} ===")
   print(f"test_accuracy  {s['test_accuracy']:.4f}  ({s['test_examples']} held-out digits)")
-  print(f"epsilon        {s['epsilon']}  (no DP noise configured)")
+  priv = s.get("privacy") or {}
+  if priv.get("enabled"):
+    print(f"epsilon        {s['epsilon']:.3f}  (delta {priv['delta']:g}, sigma "
+          f"{priv['noise_multiplier']:.3f}, {priv['releases_per_step']} releases per "
+          f"example and step, {priv['steps']} steps)")
+  else:
+    print(f"epsilon        inf  (DP off: residuals leave without noise; "
+          f"--config=mnist_dp for DP)")
   print(f"backend        {s['backend']}   steps {s['steps']}   wall {s['wall_seconds']:.0f} s")
   b = s.get("breakdown") or {}
   if b:

@@ -2,7 +2,8 @@
 
   python -m experiments.verify --model=vgg11 --backends=dense,inline,local --json=out.json
 
-Noise and clipping are off; the relative L2 error of the loss and of the worst
+Noise and clipping are off (gradient protection on unless
+--gradient_protection=none); the relative L2 error of the loss and of the worst
 gradient leaf against ``dense`` are printed and written to --json.
 """
 
@@ -30,6 +31,9 @@ _FORCE = flags.DEFINE_enum("force", None, ["per_sample", "per_batch", "trusted"]
                            "Force one mode wherever a split is possible.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for parameters and batch.")
 _JSON = flags.DEFINE_string("json", None, "Write the result here.")
+_GRAD = flags.DEFINE_enum("gradient_protection", "decompose", ["decompose", "none"],
+                          "decompose: only the residual of each output gradient leaves the "
+                          "TEE; none: the full dY leaves (the reference implementation).")
 _FLOOR = flags.DEFINE_bool("floor", True, "Also measure the float32 floor of dense itself.")
 
 
@@ -47,7 +51,7 @@ def main(argv):
           decomposition=DecompositionConfig(rank_fraction=_RANK.value, tau=_TAU.value),
           seed=_SEED.value, force=_FORCE.value,
           prepare=enclave_bridge.verification_options(tmp, model.num_classes),
-          floor=_FLOOR.value)
+          floor=_FLOOR.value, gradient_protection=_GRAD.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   for r in result["backends"]:

@@ -91,6 +91,10 @@ class StagedModel:
           out.append(c.site)
     return tuple(out)
 
+  def conv_index(self, name: str) -> int:
+    """Position of conv ``name`` in :attr:`convs` (seeds its gradient key)."""
+    return list(self.convs).index(name)
+
   def consumers(self, site: str) -> tuple[ConvSpec, ...]:
     return tuple(c for g in self.groups for c in g if c.site == site)
 

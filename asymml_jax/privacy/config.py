@@ -24,7 +24,7 @@ import math
 import numbers
 
 GRADIENT_PROTECTIONS: tuple[str, ...] = ("decompose", "none")
-SAMPLINGS: tuple[str, ...] = ("poisson", "shuffle")
+SAMPLINGS: tuple[str, ...] = ("auto", "poisson", "shuffle")
 # Normalisations that act on one sample at a time (see asymml_jax.layers.NORMS).
 # A whitelist on purpose: a new normalisation must be reviewed for sample mixing
 # before DP mode accepts it.
@@ -46,8 +46,14 @@ class PrivacyConfig:
     enabled: turn clipping, noise and accounting on.  Off, the decomposed
       network computes exactly the dense network's function (DESIGN section 1)
       and no privacy is claimed.
-    clip: per-sample, per-release L2 bound ``c`` on each residual (the
-      sensitivity of one release); must be ``> 0`` when enabled.
+    clip: per-sample, per-release L2 bound ``c`` on each activation residual
+      (the sensitivity of one release); must be ``> 0`` when enabled.
+    grad_clip: the same bound for each output-gradient residual ``dY_R``
+      (``gradient_protection='decompose'``).  Gradients live on another scale
+      than activations (``~1/B`` of the loss), so they get their own bound;
+      the noise std is ``sigma * grad_clip``, so each gradient release is a
+      Gaussian mechanism with the same noise multiplier ``sigma`` and the
+      accounting is unchanged.  ``> 0`` when enabled.
     noise_multiplier: ``sigma``; the noise standard deviation is
       ``sigma * clip``.  ``>= 0``.  Leave at ``0`` when ``target_epsilon`` is
       given.
@@ -62,17 +68,31 @@ class PrivacyConfig:
       in DP mode).
     sampling: how the enclave draws batches: ``"poisson"`` (each example
       independently with probability ``q``; the sampling the accountant
-      assumes) or ``"shuffle"`` (fixed-size batches of a permutation; refused
-      in DP mode).
+      assumes; batches padded to a fixed size with a mask), ``"shuffle"``
+      (fixed-size batches of a permutation; refused in DP mode) or ``"auto"``
+      (Poisson when enabled, shuffle otherwise; see :attr:`batch_sampling`).
   """
 
   enabled: bool = False
   clip: float = 1.0
+  grad_clip: float = 1e-3
   noise_multiplier: float = 0.0
   target_epsilon: float | None = None
   delta: float = 1e-5
   gradient_protection: str = "decompose"
-  sampling: str = "poisson"
+  sampling: str = "auto"
+
+  @property
+  def batch_sampling(self) -> str:
+    """``poisson`` or ``shuffle``: how batches are actually drawn."""
+    if self.sampling == "auto":
+      return "poisson" if self.enabled else "shuffle"
+    return self.sampling
+
+  def with_noise_multiplier(self, noise_multiplier: float) -> "PrivacyConfig":
+    """This config with ``sigma`` fixed (e.g. calibrated from ``target_epsilon``)."""
+    return dataclasses.replace(self, noise_multiplier=float(noise_multiplier),
+                               target_epsilon=None)
 
   def __post_init__(self):
     def need(cond: bool, msg: str):
@@ -87,6 +107,11 @@ class PrivacyConfig:
          f"clip must be > 0 when enabled, got {self.clip}: it is the L2 "
          "sensitivity of one release, and the noise std is noise_multiplier * "
          "clip")
+    need(_is_real(self.grad_clip) and math.isfinite(self.grad_clip),
+         f"grad_clip must be a finite number, got {self.grad_clip!r}")
+    need(not self.enabled or self.grad_clip > 0,
+         f"grad_clip must be > 0 when enabled, got {self.grad_clip}: it is the L2 "
+         "sensitivity of one output-gradient release")
     need(_is_real(self.noise_multiplier) and math.isfinite(self.noise_multiplier)
          and self.noise_multiplier >= 0,
          f"noise_multiplier must be a finite number >= 0, got "
@@ -155,7 +180,7 @@ class PrivacyConfig:
          f"examples), got delta = {self.delta:g}: a mechanism that publishes "
          "a random example in the clear is (0, 1/N)-DP, so delta >= 1/N "
          "promises nothing")
-    need(self.sampling == "poisson",
+    need(self.batch_sampling == "poisson",
          f"sampling={self.sampling!r} is not allowed with DP: the accountant "
          "composes Poisson-subsampled Gaussian events (each example in a batch "
          "independently with probability q), and its amplification bound does "

@@ -491,3 +491,47 @@ def test_augment_bad_crop_pad():
   with pytest.raises(ValueError, match="crop_pad"):
     data.augment({"image": images, "label": labels}, np.random.default_rng(0), flip=False,
                  crop_pad=-1)
+
+
+# ------------------------------------------------------------------ Poisson
+def test_poisson_max_batch_is_mean_plus_four_sd():
+  assert data.poisson_max_batch(64, 4500) == 97
+  assert data.poisson_max_batch(4500, 4500) == 4500  # q = 1: everyone, never more
+  for bad in (0, -1, 4501):
+    with pytest.raises(ValueError, match="expected batch size"):
+      data.poisson_max_batch(bad, 4500)
+
+
+def test_poisson_batches_are_padded_masked_and_pure():
+  n = 2000
+  images = np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 1), np.float32) + 1
+  labels = (np.arange(n) % 10).astype(np.int32)
+  sizes = []
+  for step in range(200):
+    b, truncated = data.poisson_batch(images, labels, 40, seed=5, step=step)
+    assert b["image"].shape == (data.poisson_max_batch(40, n), 2, 2, 1) and not truncated
+    m = b["mask"].astype(bool)
+    k = int(m.sum())
+    sizes.append(k)
+    assert np.all(m[:k]) and not np.any(m[k:])  # real rows first
+    assert np.all(b["image"][~m] == 0) and np.all(b["label"][~m] == 0)
+    ids = b["image"][m, 0, 0, 0].astype(int) - 1
+    assert len(set(ids)) == k  # without replacement
+    np.testing.assert_array_equal(b["label"][m], labels[ids])
+  # Binomial(2000, 0.02): mean 40, sd 6.26; 200 draws.
+  assert abs(np.mean(sizes) - 40) < 4 * 6.26 / np.sqrt(200)
+  assert 3 < np.std(sizes) < 9
+  again, _ = data.poisson_batch(images, labels, 40, seed=5, step=17)
+  first, _ = data.poisson_batch(images, labels, 40, seed=5, step=17)
+  other, _ = data.poisson_batch(images, labels, 40, seed=6, step=17)
+  np.testing.assert_array_equal(again["image"], first["image"])
+  assert not np.array_equal(other["mask"] * other["image"][:, 0, 0, 0],
+                            first["mask"] * first["image"][:, 0, 0, 0])
+
+
+def test_poisson_truncates_an_oversized_draw_and_says_so():
+  rng = np.random.default_rng(0)
+  idx, mask, truncated = data.poisson_indices(100, 0.9, rng=rng, max_batch=10)
+  assert truncated and mask.sum() == 10 and idx.shape == (10,)
+  with pytest.raises(ValueError, match="sampling_rate"):
+    data.poisson_indices(100, 0.0, rng=rng, max_batch=10)

@@ -341,3 +341,15 @@ def test_script_bad_flags_exit_cleanly(flag, needle):
   assert needle in res.stderr
   assert "Traceback" not in res.stderr
   assert res.stdout == ""
+
+
+def test_dp_plans_never_use_per_batch(vgg16_32):
+  from asymml_jax.privacy.config import PrivacyConfig
+  dp = PrivacyConfig(enabled=True, noise_multiplier=1.0)
+  with pytest.raises(ValueError, match="per_batch subspaces mix samples"):
+    plan_lib.make_plan(vgg16_32, 32, DecompositionConfig(scope="per_batch"), privacy=dp)
+  with pytest.raises(ValueError, match="per_batch subspaces mix samples"):
+    plan_lib.make_plan(vgg16_32, 32, force="per_batch", privacy=dp)
+  plan = plan_lib.make_plan(vgg16_32, 32, privacy=dp)
+  assert {s.mode for s in plan.sites.values()} <= {"per_sample", "trusted"}
+  assert plan.to_dict()["privacy"]["enabled"] is True

@@ -73,3 +73,57 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
   # Same seeds, same batches, same trusted keys: the resumed run ends where A ended.
   assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-5)
   assert b["test_accuracy"] == pytest.approx(a["test_accuracy"])
+
+
+# ----------------------------------------------------------------------- DP
+from asymml_jax.privacy import accounting  # noqa: E402
+from asymml_jax.privacy.config import PrivacyConfig  # noqa: E402
+
+DP = dict(enabled=True, clip=0.05, grad_clip=1e-4, target_epsilon=4.0, delta=1e-5)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(norm="batch"), ["BatchNorm mixes samples"]),
+    (dict(decomposition=DecompositionConfig(rank_fraction=0.25, scope="per_batch")),
+     ["per_batch", "depend on the other samples"]),
+    (dict(privacy={**DP, "delta": 1.0 / 4000}), ["delta must be < 1/N"]),
+    (dict(privacy={**DP, "clip": 0.0}), ["clip must be > 0 when enabled"]),
+    (dict(privacy={**DP, "clip": -1.0}), ["clip must be > 0 when enabled"]),
+    (dict(backend="dense"), ["dense backend runs everything on the untrusted device"]),
+])
+def test_dp_config_refusals_write_nothing(tmp_path, change, words):
+  cfg = {**BASE, "norm": "group", "privacy": DP, **change}
+  with pytest.raises(ValueError) as err:
+    train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  for w in words:
+    assert w in str(err.value)
+  assert not (tmp_path / "w").exists()
+
+
+def test_dp_run_reports_epsilon_and_uses_poisson_batches(tmp_path):
+  lines: list[str] = []
+  cfg = {**BASE, "norm": "group", "max_steps": 3, "log_every": 3, "privacy": DP}
+  s = train.train_and_evaluate(cfg, str(tmp_path / "dp"), log=lines.append)
+  p = s["privacy"]
+  on_disk = json.loads((tmp_path / "dp" / "summary.json").read_text())
+  assert on_disk["privacy"] == p and on_disk["epsilon"] == s["epsilon"]
+  for key in ("delta", "noise_multiplier", "clip", "grad_clip", "sampling_rate", "steps",
+              "releases_per_step"):
+    assert key in p
+  assert p["sampling"] == "poisson" and p["sampling_rate"] == pytest.approx(32 / 4500)
+  assert p["steps"] == 3 and p["target_epsilon"] == 4.0
+  # Calibrated up front for the run's length, and recomputable by anyone.
+  assert s["epsilon"] == pytest.approx(4.0, abs=1e-4)
+  assert s["epsilon"] == pytest.approx(accounting.epsilon(
+      noise_multiplier=p["noise_multiplier"], sampling_rate=p["sampling_rate"], steps=3,
+      releases_per_step=p["releases_per_step"], delta=1e-5), abs=1e-9)
+  # L = one release per split site + one output-gradient release per split conv.
+  splits = [x for x in s["plan"]["sites"] if x["mode"] in ("per_sample", "per_batch")]
+  assert p["releases_per_step"] == len(splits) + sum(len(x["consumers"]) for x in splits)
+  assert s["plan"]["batch_size"] > 32  # padded Poisson batch
+  assert any("epsilon" in l and l.startswith("step 3/3") for l in lines)
+
+
+def test_privacy_off_reports_infinite_epsilon():
+  cfg = train.TrainConfig(**BASE)
+  assert cfg.privacy == PrivacyConfig() and cfg.privacy.batch_sampling == "shuffle"

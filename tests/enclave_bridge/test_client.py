@@ -380,8 +380,7 @@ def test_traffic_matches_the_ledger(shared, variables):
     assert float(metrics["count"]) == BATCH
   m = backend.evaluate(params, stats, None, 0)
   assert float(m["count"]) == BATCH
-  expected = lg.expected_classes("enclave", train=True, batch_norm=True,
-                                 gradient_protection="none")
+  expected = lg.expected_classes("enclave", train=True, batch_norm=True)
   assert backend.traffic_classes() == expected
   for cls in backend.client.traffic_in.classes():
     assert lg.LEDGER[cls].direction == lg.TO_UNTRUSTED
@@ -500,7 +499,7 @@ def test_bad_backward_is_refused(shared, model, variables, what):
              "drs_shape": pr.ShapeMismatch, "drs_dtype": pr.DtypeMismatch}[what]
     with pytest.raises(error):
       client.call(Op.BACKWARD, tag=tag, stage=k,
-                  expect={"dyr": ("output_gradient", sigs[k]["yr"]),
+                  expect={"dyr": ("output_gradient_residual", sigs[k]["yr"]),
                           "dparams": ("trusted_weight_gradient", sigs[k]["params"])},
                   parts=(("drs", "residual_gradient", drs), ("dloss", "loss_gradient", dloss)))
   finally:

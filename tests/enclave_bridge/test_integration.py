@@ -223,8 +223,7 @@ def test_nothing_received_is_more_image_like_than_the_residual(canary_run):
 def test_traffic_classes_are_exactly_the_ledger(canary_run):
   s = canary_run["summary"]
   to_untrusted, to_enclave = _ledger_classes(s)
-  expected = lg.expected_classes("enclave", train=True, batch_norm=True,
-                                 gradient_protection="none")
+  expected = lg.expected_classes("enclave", train=True, batch_norm=True)
   assert to_untrusted | to_enclave == expected
   assert all(lg.LEDGER[c].direction == lg.TO_UNTRUSTED for c in to_untrusted)
   assert all(lg.LEDGER[c].direction == lg.TO_ENCLAVE for c in to_enclave)

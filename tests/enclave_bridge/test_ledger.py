@@ -32,7 +32,8 @@ def test_every_class_is_declared_completely():
 
 
 def test_directions_of_the_known_classes():
-  to_untrusted = {"activation_residual", "output_gradient", "trusted_weight_gradient",
+  to_untrusted = {"activation_residual", "output_gradient", "output_gradient_residual",
+                  "trusted_weight_gradient",
                   "batch_statistics", "loss", "metrics", "whole_gradient"}
   to_enclave = {"public_weights", "public_batch_stats", "conv_output_residual",
                 "residual_gradient", "loss_gradient"}
@@ -67,7 +68,7 @@ def test_check_refuses_the_wrong_direction():
 
 
 CASES = list(itertools.product(["enclave", "tee_only"], [True, False], [True, False],
-                               ["none", "decomposed"]))
+                               ["none", "decompose"]))
 
 
 @pytest.mark.parametrize("backend,train,bn,gp", CASES)
@@ -79,7 +80,7 @@ def test_expected_classes_are_declared(backend, train, bn, gp):
   assert ("public_batch_stats" in got) == bn
   if not train:
     assert not got & {"trusted_weight_gradient", "whole_gradient", "output_gradient",
-                      "residual_gradient", "loss_gradient"}
+                      "output_gradient_residual", "residual_gradient", "loss_gradient"}
 
 
 @pytest.mark.parametrize("train,bn", list(itertools.product([True, False], [True, False])))
@@ -87,11 +88,12 @@ def test_expected_classes_of_the_enclave_backend(train, bn):
   none = lg.expected_classes("enclave", train=train, batch_norm=bn, gradient_protection="none")
   default = lg.expected_classes("enclave", train=train, batch_norm=bn)
   protected = lg.expected_classes("enclave", train=train, batch_norm=bn,
-                                  gradient_protection="decomposed")
-  assert default == none
+                                  gradient_protection="decompose")
+  assert default == protected  # protection is the default (DESIGN section 2)
   assert ("output_gradient" in none) == train
-  assert "output_gradient" not in protected
+  assert "output_gradient" not in protected  # no full dY ever crosses
   assert none - protected == ({"output_gradient"} if train else set())
+  assert protected - none == ({"output_gradient_residual"} if train else set())
   assert {"activation_residual", "conv_output_residual", "loss"} <= none
   assert "whole_gradient" not in none
   assert ("batch_statistics" in none) == bn
@@ -105,11 +107,11 @@ def test_expected_classes_of_tee_only(train, bn):
   got = lg.expected_classes("tee_only", train=train, batch_norm=bn)
   # Nothing derived from activations leaves the TEE-only baseline.
   assert not got & {"activation_residual", "output_gradient", "conv_output_residual",
-                    "residual_gradient", "trusted_weight_gradient"}
+                    "output_gradient_residual", "residual_gradient", "trusted_weight_gradient"}
   assert ("whole_gradient" in got) == train and ("loss" in got) == train
   assert ("batch_statistics" in got) == (train and bn)
   assert lg.expected_classes("tee_only", train=train, batch_norm=bn,
-                             gradient_protection="decomposed") == got
+                             gradient_protection="none") == got
 
 
 def test_traffic_counts():

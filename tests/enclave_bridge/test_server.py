@@ -736,14 +736,15 @@ def test_a_training_step_through_the_server(server, arena, variables):
     if k == last:
       assert any(np.any(g != 0) for g in flat.values())
   assert tag not in server.executor.open_steps  # state dropped after stage 0's backward
-  # Ledger against what actually crossed (enclave backend, BatchNorm, no gradient protection).
+  # Ledger against what actually crossed (enclave backend, BatchNorm, gradient protection).
   crossed = server.traffic_in.classes() | server.traffic_out.classes()
   assert crossed <= lg.expected_classes("enclave", train=True, batch_norm=True)
   assert {c for c in server.traffic_in.classes()
           if lg.LEDGER[c].direction != lg.TO_ENCLAVE} == set()
   assert {c for c in server.traffic_out.classes()
           if lg.LEDGER[c].direction != lg.TO_UNTRUSTED} == set()
-  assert "output_gradient" in crossed and "activation_residual" in crossed
+  assert "output_gradient_residual" in crossed and "activation_residual" in crossed
+  assert "output_gradient" not in crossed
   _ok(_send(server, Op.END, tag=tag))
 
 
@@ -752,3 +753,48 @@ def test_trusted_seed_is_keyed():
   assert trusted_seed(KEY, 0) != trusted_seed(KEY, 1)
   assert trusted_seed(KEY, 0) != trusted_seed(b"j" * 32, 0)
   assert 0 <= trusted_seed(KEY, -5) < 2**63
+
+
+# ------------------------------------------------------------------ privacy
+DP_HELLO = dict(norm="group", batch_size=8, expected_batch_size=2.0,
+                privacy=dict(enabled=True, clip=0.1, grad_clip=1e-4, noise_multiplier=1.0,
+                             delta=1e-5))
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(norm="batch"), "BatchNorm mixes samples"),
+    (dict(decomposition=dataclasses.asdict(DecompositionConfig(scope="per_batch"))),
+     "per_batch"),
+    (dict(privacy={**DP_HELLO["privacy"], "delta": 0.2}), "delta must be < 1/N"),
+    (dict(privacy={**DP_HELLO["privacy"], "noise_multiplier": 0.0}), "epsilon = inf"),
+    (dict(privacy={**DP_HELLO["privacy"], "gradient_protection": "none"}), "dY would leave"),
+    (dict(batch_size=7), "padded Poisson size 8"),
+    (dict(expected_batch_size=None), "needs expected_batch_size"),
+])
+def test_enclave_enforces_the_dp_rules_itself(arena, change, words):
+  """Whatever the untrusted side asks for, the enclave refuses an unsound DP setup."""
+  s = EnclaveServer(_dataset(), KEY)
+  try:
+    reply = _send(s, Op.HELLO, meta=_hello_meta(arena, **{**DP_HELLO, **change}))
+    assert _code(reply) == "state" and words in reply.meta["error"], reply.meta
+    assert s.cfg is None
+  finally:
+    s.close()
+
+
+def test_enclave_samples_poisson_batches_with_its_own_seed(arena):
+  s = EnclaveServer(_dataset(), KEY)
+  try:
+    _ok(_send(s, Op.HELLO, meta=_hello_meta(arena, **DP_HELLO)))
+    assert s.plan.privacy.enabled and s.plan.expected_batch_size == 2.0
+    sizes = set()
+    for tag in range(12):
+      meta = _ok(_send(s, Op.BEGIN, tag=tag, meta={"train": True})).meta
+      assert meta["batch_size"] == 8  # padded: the shape never changes
+      batch = s._batch(tag, True, 0)
+      sizes.add(int(batch["mask"].sum()))
+      _ok(_send(s, Op.END, tag=tag))
+    assert len(sizes) > 1  # the realised size varies (Poisson), hidden behind the mask
+    assert s.sampler_seed != s.seed  # not derivable from the public run seed alone
+  finally:
+    s.close()

@@ -19,7 +19,9 @@ def _dp(**kw) -> PrivacyConfig:
 def test_defaults_are_disabled_and_valid():
   cfg = PrivacyConfig()
   assert not cfg.enabled
-  assert cfg.sampling == "poisson" and cfg.gradient_protection == "decompose"
+  assert cfg.sampling == "auto" and cfg.gradient_protection == "decompose"
+  assert cfg.batch_sampling == "shuffle"
+  assert PrivacyConfig(enabled=True, noise_multiplier=1.0).batch_sampling == "poisson"
   cfg.validate_for(norm="batch", scope="per_batch", num_examples=N)
 
 
@@ -105,6 +107,8 @@ def test_validate_for_refuses_no_noise():
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(enabled=True, clip=0.0), "clip must be > 0 when enabled.*sensitivity"),
     (dict(enabled=True, clip=-1.0), "clip must be > 0 when enabled"),
+    (dict(enabled=True, grad_clip=0.0), "grad_clip must be > 0 when enabled"),
+    (dict(grad_clip=float("inf")), "grad_clip must be a finite number"),
     (dict(clip=float("nan")), "clip must be a finite number"),
     (dict(noise_multiplier=-0.1), "noise_multiplier must be a finite number >= 0"),
     (dict(noise_multiplier=float("inf")), "noise_multiplier must be"),
@@ -124,3 +128,10 @@ def test_construction_refuses_out_of_range(kwargs, pattern):
 
 def test_disabled_construction_allows_zero_clip():
   assert PrivacyConfig(enabled=False, clip=0.0).clip == 0.0
+
+
+def test_with_noise_multiplier_fixes_sigma_and_drops_the_target():
+  cfg = PrivacyConfig(enabled=True, target_epsilon=8.0)
+  fixed = cfg.with_noise_multiplier(1.5)
+  assert fixed.noise_multiplier == 1.5 and fixed.target_epsilon is None
+  assert cfg.target_epsilon == 8.0  # frozen original untouched
