@@ -443,6 +443,27 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
   return summary
 
 
+def _inference_privacy(cfg: TrainConfig, workdir: str) -> PrivacyConfig:
+  """The release settings a DP-trained model was trained with (same clip and sigma).
+
+  Inference releases residuals of the inputs it is given, so it noises them
+  as training did (the network was trained to expect that noise).  The
+  calibrated ``sigma`` is read from the run's ``summary.json``.
+  """
+  pc = cfg.privacy
+  if not pc.enabled or pc.target_epsilon is None:
+    return pc
+  path = os.path.join(workdir, "summary.json")
+  try:
+    with open(path) as f:
+      sigma = float(json.load(f)["privacy"]["noise_multiplier"])
+  except (OSError, KeyError, TypeError, ValueError) as e:
+    raise FileNotFoundError(
+        f"{path}: the calibrated noise multiplier of this DP run is needed for inference "
+        f"and could not be read ({type(e).__name__}: {e}); finish training first") from None
+  return pc.with_noise_multiplier(sigma)
+
+
 def evaluate_checkpoint(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
                         dataset=None, backend_options: Mapping[str, Any] | None = None,
                         log: Callable[[str], None] = _log) -> dict[str, Any]:
@@ -481,13 +502,15 @@ def evaluate_checkpoint(config: Mapping[str, Any] | TrainConfig, workdir: str, *
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  privacy = _inference_privacy(cfg, workdir)
   root = jax.random.key(cfg.seed)
   _, trusted_key = jax.random.split(root)
   n_test = int(info["num_test"])
   latencies: list[float] = []
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
   with bk.make_backend(cfg.backend, model, key=trusted_key, batch_size=cfg.eval_batch_size,
-                       decomposition=cfg.decomposition, **options) as backend:
+                       decomposition=cfg.decomposition, privacy=privacy,
+                       **options) as backend:
     batches = ([None] * (-(-n_test // cfg.eval_batch_size)) if ds is None else
                list(data_lib.eval_batches(ds.test_images, ds.test_labels, cfg.eval_batch_size)))
     for i, batch in enumerate(batches):
