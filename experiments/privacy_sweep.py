@@ -28,11 +28,10 @@ interrupted sweep loses at most the run in progress; at the end a plot of
 accuracy against epsilon (log-x; ``inf`` at the right edge) goes to ``--plot``
 and the table is printed.
 
-Defaults: 4 epochs (280 steps of an expected 64 examples, Poisson batches
-padded to 97) at width 0.25.  One DP-SGD run then takes about 3 minutes on a
-2-core CPU (measured 178-203 s with the CPU shared; 0.67 test accuracy at
-epsilon 1, 0.97 without noise), so the five DP-SGD runs take ~16 minutes and
-the AsymML runs the rest of a ~50-minute sweep.
+Defaults: 3 epochs (210 steps of an expected 64 examples, Poisson batches
+padded to 97) at width 0.25.  On a quiet 2-core CPU a DP-SGD step takes about
+0.65 s and an AsymML step (inline, DP, gradient protection) about 1.3 s, so
+the ten runs take about 40 minutes with compilation and evaluation.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ from asymml_jax.baselines import dpsgd
 METHODS: tuple[str, ...] = ("asymml", "dpsgd")
 DEFAULT_EPSILONS = "1,2,4,8,inf"
 DELTA = 1e-5
-DEFAULT_NUM_EPOCHS = 4.0
+DEFAULT_NUM_EPOCHS = 3.0
 DEFAULT_WIDTH = 0.25
 DP_CONFIG_MODULE = "experiments.configs.mnist_dp"
 # Settings DP-SGD takes from the AsymML config, so both train the same model
