@@ -12,7 +12,9 @@ import sys
 import pytest
 
 from asymml_jax.evaluation import inversion
-from experiments import attack_inversion as attack
+from tests.helpers.experiments import import_experiment
+
+attack = import_experiment("experiments.attack_inversion")
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = attack.AttackSettings(

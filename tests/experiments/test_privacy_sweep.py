@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from experiments import privacy_sweep as sweep
+from tests.helpers.experiments import import_experiment
+
+sweep = import_experiment("experiments.privacy_sweep")
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = sweep.SweepSettings(num_epochs=1.0, max_steps=2, width=0.125)
