@@ -16,6 +16,7 @@ model in the enclave (the TEE-only baseline).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -163,10 +164,12 @@ class _EnclaveConnection:
   def _connect(self, backend: str, model: StagedModel, plan: Plan, options: Mapping):
     from enclave_bridge import launcher
     opts = dict(options)
-    self._workdir = opts.get("workdir") or tempfile.mkdtemp(prefix="asymml-enclave-")
+    # Folders made here (not the caller's) are removed again by close().
+    self._own_dirs: list[str] = []
+    self._workdir = opts.get("workdir") or self._own_dir("asymml-enclave-")
     os.makedirs(self._workdir, exist_ok=True)
     socket_path = opts.get("socket_path") or os.path.join(
-        tempfile.mkdtemp(prefix="asymml-sock-"), "enclave.sock")
+        self._own_dir("asymml-sock-"), "enclave.sock")
     for name in ("sealed_path", "key_path"):
       if not opts.get(name):
         raise ValueError(f"the {backend} backend needs bridge.{name} (see `python -m "
@@ -187,6 +190,7 @@ class _EnclaveConnection:
       self.info, _ = self.client.call(Op.HELLO, meta=hello)
     except BaseException:
       self.process.stop()
+      self._remove_own_dirs(keep=(self._workdir,))
       raise
     if tuple(self.info["image_shape"]) != tuple(model.input_shape):
       self.close()
@@ -199,8 +203,22 @@ class _EnclaveConnection:
       client.close()
       self.client = None
     proc = getattr(self, "process", None)
+    died_by_itself = proc is not None and not proc.alive()
     if proc is not None:
       proc.stop()
+    # An enclave that died on its own keeps its log folder for the post-mortem.
+    self._remove_own_dirs(keep=(self._workdir,) if died_by_itself else ())
+
+  def _own_dir(self, prefix: str) -> str:
+    path = tempfile.mkdtemp(prefix=prefix)
+    self._own_dirs.append(path)
+    return path
+
+  def _remove_own_dirs(self, keep: tuple[str, ...] = ()) -> None:
+    for path in getattr(self, "_own_dirs", ()):
+      if path not in keep:
+        shutil.rmtree(path, ignore_errors=True)
+    self._own_dirs = []
 
   def breakdown(self) -> dict[str, float]:
     t = self.client.timing if getattr(self, "client", None) else {}

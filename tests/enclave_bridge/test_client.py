@@ -595,6 +595,10 @@ def test_closed_backend_leaves_no_process_or_socket(model, sealed, variables, tm
     assert float(m["count"]) == BATCH
   assert he.pid_gone(pid, within=5.0)
   assert not os.path.exists(sock)
+  # The socket's temporary folder (made by the backend, not the caller) is gone too;
+  # the caller's workdir stays.
+  assert not os.path.exists(os.path.dirname(sock))
+  assert os.path.isdir(tmp_path / "w")
 
 
 # ------------------------------------------------------------------ tee_only
