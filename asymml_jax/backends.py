@@ -334,6 +334,34 @@ def available_backends() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
+UNTRUSTED_DEVICES = ("cpu", "gpu", "tpu")
+
+
+def untrusted_device(kind: str) -> jax.Device:
+  """The first JAX device of platform ``kind`` for the untrusted program.
+
+  The trusted half always runs on the CPU (in the enclave process or, for the
+  in-process backends, wherever its own jitted functions are placed).
+
+  Raises:
+    ValueError: for an unknown kind, or when no such device is present (the
+      message lists the platforms that are).
+  """
+  if kind not in UNTRUSTED_DEVICES:
+    raise ValueError(f"untrusted device must be one of {', '.join(UNTRUSTED_DEVICES)}, "
+                     f"got {kind!r}")
+  try:
+    devices = jax.devices(kind)
+  except RuntimeError:
+    devices = []
+  if not devices:
+    present = sorted({d.platform for d in jax.devices()})
+    raise ValueError(f"no {kind} device is available to JAX here (present: "
+                     f"{', '.join(present)}); install the matching jax plugin or choose "
+                     "--untrusted_device=cpu")
+  return devices[0]
+
+
 def make_plan_for(name: str, model: StagedModel, batch_size: int,
                   decomposition: DecompositionConfig, force: str | None = None, *,
                   privacy: PrivacyConfig = PrivacyConfig(),

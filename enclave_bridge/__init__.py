@@ -26,10 +26,12 @@ def sealed_data_info(options: Mapping[str, Any]) -> dict:
           "num_test": int(arrays["test_labels"]["shape"][0])}
 
 
-def verification_options(workdir: str, num_classes: int):
-  """A ``prepare`` hook for :func:`asymml_jax.verify.compare`: seals the batch.
+def seal_arrays(directory: str, images, labels, num_classes: int,
+                name: str = "arrays") -> dict:
+  """Seals ``images``/``labels`` (used as both splits) under ``directory``.
 
-  The enclave then samples exactly that batch (in its own order) at step 0.
+  Returns the bridge options ``{"sealed_path", "key_path", "workdir"}`` for an
+  enclave that samples from exactly these examples (verification, benchmarks).
   """
   import os
 
@@ -38,19 +40,29 @@ def verification_options(workdir: str, num_classes: int):
   from asymml_jax.data import Dataset
   from enclave_bridge import seal
 
+  os.makedirs(directory, exist_ok=True)
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels, np.int32)
+  ds = Dataset(name=name, train_images=images, train_labels=labels,
+               test_images=images, test_labels=labels, num_classes=num_classes)
+  key = os.path.join(directory, "key.bin")
+  if not os.path.exists(key):
+    seal.generate_key_file(key)
+  sealed = os.path.join(directory, f"{name}.sealed")
+  seal.seal_dataset(ds, sealed, key)
+  return {"sealed_path": sealed, "key_path": key, "workdir": directory}
+
+
+def verification_options(workdir: str, num_classes: int):
+  """A ``prepare`` hook for :func:`asymml_jax.verify.compare`: seals the batch.
+
+  The enclave then samples exactly that batch (in its own order) at step 0.
+  """
+  import os
+
   def prepare(name: str, batch) -> dict:
-    d = os.path.join(workdir, name)
-    os.makedirs(d, exist_ok=True)
-    images = np.asarray(batch["image"], np.float32)
-    labels = np.asarray(batch["label"], np.int32)
-    ds = Dataset(name="verify-batch", train_images=images, train_labels=labels,
-                 test_images=images, test_labels=labels, num_classes=num_classes)
-    key = os.path.join(d, "key.bin")
-    if not os.path.exists(key):
-      seal.generate_key_file(key)
-    sealed = os.path.join(d, "batch.sealed")
-    seal.seal_dataset(ds, sealed, key)
-    return {"sealed_path": sealed, "key_path": key, "workdir": d}
+    return seal_arrays(os.path.join(workdir, name), batch["image"], batch["label"],
+                       num_classes, name="verify-batch")
   return prepare
 
 

@@ -67,6 +67,8 @@ class BridgeClient:
     self.traffic_out, self.traffic_in = lg.Traffic(), lg.Traffic()
     self.timing = {"calls": 0, "call_s": 0.0, "server_s": 0.0, "compute_s": 0.0,
                    "client_copy_s": 0.0}
+    # The same counters per ``"<op>/<stage>"`` (per-layer breakdowns, DESIGN section 8).
+    self.stage_timing: dict[str, dict[str, float]] = {}
 
   def _recv(self) -> bytes:
     deadline = time.monotonic() + self.call_timeout
@@ -118,12 +120,15 @@ class BridgeClient:
     out = receive(self.arena, "reply", msg.tensors, dict(expect or {}), lg.TO_UNTRUSTED,
                   self.traffic_in, recorder=self.recorder)
     t3 = time.perf_counter()
-    tm = self.timing
-    tm["calls"] += 1
-    tm["call_s"] += t3 - t0
-    tm["server_s"] += float(msg.meta.get("server_s", 0.0))
-    tm["compute_s"] += float(msg.meta.get("compute_s", 0.0))
-    tm["client_copy_s"] += (t1 - t0) + (t3 - t2)
+    sample = {"calls": 1, "call_s": t3 - t0,
+              "server_s": float(msg.meta.get("server_s", 0.0)),
+              "compute_s": float(msg.meta.get("compute_s", 0.0)),
+              "client_copy_s": (t1 - t0) + (t3 - t2)}
+    per_stage = self.stage_timing.setdefault(f"{op.name.lower()}/{stage}",
+                                             dict.fromkeys(sample, 0.0))
+    for name, value in sample.items():
+      self.timing[name] += value
+      per_stage[name] += value
     return msg.meta, out
 
   def close(self) -> None:

@@ -26,7 +26,7 @@ def _model(name, width, size=32, channels=3, norm="batch"):
 CASES = [
     ("vgg11", 0.25, 32, 3, "batch", None),
     ("vgg11", 0.25, 32, 1, "group", None),       # grayscale: first conv fully trusted
-    ("resnet20", 0.5, 32, 3, "batch", None),
+    ("resnet20", 0.25, 32, 3, "batch", None),
     ("vgg11", 0.25, 32, 3, "group", "per_batch"),
     pytest.param("resnet18", 0.125, 32, 3, "group", "per_batch", marks=pytest.mark.slow),
 ]

@@ -35,13 +35,6 @@ BASE = dict(model="vgg11", width=0.125, batch_size=BATCH, num_epochs=100.0,
             checkpoint_every=100, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _enclave_compile_cache(tmp_path_factory):
-  # Shared with test_client.py (same session directory): same stage programs.
-  with he.compile_cache_env(tmp_path_factory.getbasetemp() / "xla-cache-enclave"):
-    yield
-
-
 def _ledger_classes(summary) -> tuple[set[str], set[str]]:
   led = summary["ledger"]
   return ({r["class"] for r in led["to_untrusted"]}, {r["class"] for r in led["to_enclave"]})

@@ -19,7 +19,7 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_verify_writes_json_within_tolerance(tmp_path):
   out = tmp_path / "v.json"
-  p = _run("experiments.verify", "--model=vgg11", "--width=0.25", "--backends=dense,inline",
+  p = _run("experiments.verify", "--model=vgg11", "--width=0.125", "--backends=dense,inline",
            "--nofloor", f"--json={out}")
   assert p.returncode == 0, p.stderr
   result = json.loads(out.read_text())

@@ -5,11 +5,9 @@ Everything here is test scaffolding; none of it is imported by the library.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import time
-from typing import Iterator
 
 import numpy as np
 
@@ -22,31 +20,6 @@ _COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemis
                   "hubble_deep_field", "colorwheel", "retina")
 _GREY_PHOTOS = ("camera", "coins", "moon", "page", "text", "clock", "brick",
                 "checkerboard")
-
-
-@contextlib.contextmanager
-def compile_cache_env(cache_dir: str | os.PathLike) -> Iterator[None]:
-  """Points the enclave subprocesses at a persistent XLA compilation cache.
-
-  The launcher copies this process's environment into the server's, so each
-  enclave started inside the block reuses what an earlier one compiled (the
-  same stage programs are compiled by every enclave of a test module).  Only
-  the environment changes: this process's JAX, already configured, does not
-  read it again.
-  """
-  values = {"JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-  old = {k: os.environ.get(k) for k in values}
-  os.environ.update(values)
-  try:
-    yield
-  finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
 
 
 def normalise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,458 @@
+"""The benchmark harness: backends side by side, ratios against TEE-only (DESIGN section 8).
+
+One run measures every backend on the same model, batch shape and weights, in
+one process group, and reports **ratios against ``tee_only`` measured in the
+same run** (a lone absolute time on a shared CPU means little):
+
+* ``tee_only``: the whole model in the enclave process (the TEE-only baseline);
+* ``enclave``: AsymML, the trusted half in the enclave process, the untrusted
+  half in this process's jitted program (on ``--untrusted_device``);
+* ``dense``: everything untrusted (the GPU-only baseline, no privacy);
+* ``slalom``: Slalom's blinded, Freivalds-verified inference (when the Slalom
+  baseline is installed as a backend; inference only).
+
+Per backend and repetition it records the wall time of a training step
+(``grads``) or of an inference batch (``evaluate``) and splits it, from the
+bridge's counters, into
+
+* trusted compute: time the enclave spent in its jitted trusted functions;
+* transfer: copying and validating payloads through the shared-memory arena
+  (both ends);
+* waiting: the rest of the bridge calls' time (socket round trips, scheduling);
+* untrusted compute: the step's wall time outside bridge calls.
+
+The same split is kept per trusted stage (``"forward/3"``, ``"backward/3"``)
+for the per-layer breakdown.  It also reads the enclave process's peak
+resident memory (``VmHWM``: the EPC budget matters on real SGX) and puts the
+planner's trusted-MAC ratio (forward pass, :meth:`asymml_jax.plan.Plan.trusted_mac_ratio`)
+next to the measured trusted-time ratio.
+
+Pinning (``pin=True``): the enclave process's threads go to one set of cores
+and this (untrusted) process's threads to the others, so the two sides do not
+share a core; on a 2-core machine, one core each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from asymml_jax import backends as bk
+from asymml_jax.decomposition import SCOPES, DecompositionConfig
+from asymml_jax.models import get_model
+from asymml_jax.models.base import StagedModel
+
+import enclave_bridge  # registers the process backends
+
+MODES = ("train", "infer")
+PROCESS_BACKENDS = bk.PROCESS_BACKENDS
+BREAKDOWN_KEYS = ("trusted_compute_s", "untrusted_compute_s", "transfer_s", "waiting_s")
+RATIO_BASELINE = "tee_only"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchmarkSettings:
+  """One benchmark run (validated).
+
+  Attributes:
+    mode: ``train`` (one training step: forward + backward) or ``infer``.
+    models: model names (:data:`asymml_jax.models.MODELS`).
+    input_size: image height and width.
+    channels: image channels.
+    batch_size: examples per step.
+    backends: backend names; ``tee_only`` must be among them (ratios).
+    repeats: timed repetitions per backend (medians are reported).
+    warmup: untimed repetitions first (compilation, caches).
+    width: channel multiplier of the models.
+    rank_fraction: ``r_max / C``.
+    num_iters: subspace iterations.
+    scope: ``per_sample`` or ``per_batch`` (allows the planner to choose
+      ``per_batch`` per layer).
+    pin: pin the enclave and this process to separate cores.
+    enclave_threads: XLA threads in the enclave process.
+    untrusted_device: ``cpu``, ``gpu`` or ``tpu`` for the untrusted program.
+    seed: weights and synthetic images.
+  """
+
+  mode: str = "train"
+  models: tuple[str, ...] = ("vgg16",)
+  input_size: int = 32
+  channels: int = 3
+  batch_size: int = 32
+  backends: tuple[str, ...] = ("tee_only", "enclave", "dense")
+  repeats: int = 3
+  warmup: int = 1
+  width: float = 1.0
+  rank_fraction: float = 1.0 / 16.0
+  num_iters: int = 2
+  scope: str = "per_sample"
+  pin: bool = False
+  enclave_threads: int = 1
+  untrusted_device: str = "cpu"
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    if not self.models:
+      raise ValueError("give at least one model")
+    from asymml_jax.models import MODELS  # pylint: disable=g-import-not-at-top
+    for m in self.models:
+      if m not in MODELS:
+        raise ValueError(f"unknown model {m!r}; choices: {', '.join(sorted(MODELS))}")
+    known = set(bk.available_backends())
+    for b in self.backends:
+      if b not in known:
+        raise ValueError(f"unknown backend {b!r}; choices: {', '.join(sorted(known))}")
+    if len(set(self.backends)) != len(self.backends):
+      raise ValueError(f"a backend is listed twice: {self.backends}")
+    if RATIO_BASELINE not in self.backends:
+      raise ValueError(f"backends must include {RATIO_BASELINE!r}: ratios are measured "
+                       "against it in the same run")
+    for name in ("input_size", "channels", "batch_size", "repeats", "enclave_threads"):
+      v = getattr(self, name)
+      if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not (isinstance(self.warmup, int) and self.warmup >= 0):
+      raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
+    if not 0 < self.width <= 4:
+      raise ValueError(f"width must be in (0, 4], got {self.width}")
+    if self.scope not in SCOPES:
+      raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+    bk.untrusted_device(self.untrusted_device)  # a clear error if it is absent
+
+  @property
+  def decomposition(self) -> DecompositionConfig:
+    return DecompositionConfig(rank_fraction=self.rank_fraction, num_iters=self.num_iters,
+                               scope=self.scope)
+
+
+# ------------------------------------------------------------------ pinning
+def available_cores() -> list[int]:
+  """The cores this process may run on, sorted."""
+  return sorted(os.sched_getaffinity(0))
+
+
+def split_cores(cores: Sequence[int]) -> tuple[set[int], set[int]]:
+  """``(enclave cores, untrusted cores)``: the first half (at least one) to the enclave.
+
+  >>> split_cores([0, 1])
+  ({0}, {1})
+  >>> split_cores([0, 1, 2, 3])
+  ({0, 1}, {2, 3})
+  """
+  cores = sorted(cores)
+  if len(cores) < 2:
+    raise ValueError(f"pinning needs at least 2 cores, this process may use {cores}")
+  half = max(1, len(cores) // 2)
+  return set(cores[:half]), set(cores[half:])
+
+
+def pin_process(pid: int, cores: set[int]) -> int:
+  """Pins every thread of process ``pid`` to ``cores``; returns the threads pinned.
+
+  ``sched_setaffinity`` acts on one thread; threads created later inherit the
+  mask of their creator, so pinning all current threads pins the process.
+  """
+  tasks = os.listdir(f"/proc/{pid}/task")
+  n = 0
+  for tid in tasks:
+    try:
+      os.sched_setaffinity(int(tid), cores)
+      n += 1
+    except ProcessLookupError:  # a thread that just ended
+      pass
+  return n
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+  """Peak resident memory (``VmHWM``) of process ``pid``, or ``None`` if unknown."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    return None
+  return None
+
+
+# ------------------------------------------------------------------ timing
+def _counters(backend) -> tuple[dict, dict]:
+  client = getattr(backend, "client", None)
+  if client is None:
+    return {}, {}
+  return dict(client.timing), {k: dict(v) for k, v in client.stage_timing.items()}
+
+
+def split_time(wall: float, before: Mapping[str, float], after: Mapping[str, float]
+               ) -> dict[str, float]:
+  """Splits one repetition's wall time from the bridge counters before/after it.
+
+  Returns ``trusted_compute_s``, ``transfer_s``, ``waiting_s`` and
+  ``untrusted_compute_s`` (the wall time outside bridge calls); all zero but
+  the last for a backend without a bridge.
+  """
+  d = {k: float(after.get(k, 0.0)) - float(before.get(k, 0.0))
+       for k in ("call_s", "server_s", "compute_s", "client_copy_s", "calls")}
+  server_copy = max(0.0, d["server_s"] - d["compute_s"])
+  return {"trusted_compute_s": d["compute_s"],
+          "transfer_s": d["client_copy_s"] + server_copy,
+          "waiting_s": max(0.0, d["call_s"] - d["server_s"] - d["client_copy_s"]),
+          "untrusted_compute_s": max(0.0, wall - d["call_s"]),
+          "bridge_calls": d["calls"]}
+
+
+def stage_breakdown(before: Mapping[str, Mapping], after: Mapping[str, Mapping],
+                    repeats: int) -> dict[str, dict[str, float]]:
+  """Per ``"<op>/<stage>"``: trusted compute, transfer and waiting per repetition."""
+  out = {}
+  for key, a in sorted(after.items()):
+    if not key.startswith(("forward/", "backward/", "whole_step/")):
+      continue
+    s = split_time(0.0, before.get(key, {}), a)
+    s.pop("untrusted_compute_s")
+    out[key] = {k: v / repeats for k, v in s.items()}
+  return out
+
+
+def _median_dict(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+  return {k: float(statistics.median(r[k] for r in rows)) for k in rows[0]}
+
+
+# ------------------------------------------------------------------ data
+def synthetic_batch(model: StagedModel, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+  """Standard-normal images and cycling labels (timing does not depend on content:
+  every shape is static and the rank mask hides the chosen rank)."""
+  rng = np.random.default_rng(seed)
+  return {"image": rng.standard_normal((batch_size, *model.input_shape)).astype(np.float32),
+          "label": (np.arange(batch_size) % model.num_classes).astype(np.int32),
+          "mask": np.ones((batch_size,), np.float32)}
+
+
+# ------------------------------------------------------------------ one backend
+def _run_backend(name: str, model: StagedModel, variables: Mapping, batch: Mapping,
+                 settings: BenchmarkSettings, workdir: str,
+                 cores: tuple[set[int], set[int]] | None,
+                 log: Callable[[str], None]) -> dict[str, Any]:
+  options: dict[str, Any] = {}
+  if name in PROCESS_BACKENDS:
+    options = enclave_bridge.seal_arrays(os.path.join(workdir, f"{model.name}-{name}"),
+                                         batch["image"], batch["label"], model.num_classes,
+                                         name="benchmark")
+    options.update(threads=settings.enclave_threads, eval_batch_size=settings.batch_size)
+  device = bk.untrusted_device(settings.untrusted_device)
+  train = settings.mode == "train"
+  params, stats = variables["params"], variables["batch_stats"]
+  with jax.default_device(device):
+    params, stats = jax.device_put((params, stats), device)
+    t_start = time.perf_counter()
+    with bk.make_backend(name, model, key=jax.random.key(settings.seed + 1),
+                         batch_size=settings.batch_size, decomposition=settings.decomposition,
+                         **options) as be:
+      startup = time.perf_counter() - t_start
+      pid = getattr(getattr(be, "process", None), "pid", None)
+      if cores is not None and pid is not None:
+        pin_process(pid, cores[0])
+      own = None if name in PROCESS_BACKENDS else batch
+
+      def once(i: int):
+        if train:
+          return be.grads(params, stats, own, i)
+        return be.evaluate(params, stats, own, 0)  # the one sealed eval batch
+
+      for i in range(settings.warmup):
+        jax.block_until_ready(once(i))
+      rows, (_, before_stage) = [], _counters(be)
+      ledger_before = be.ledger_summary() if hasattr(be, "ledger_summary") else None
+      for i in range(settings.repeats):
+        before, _ = _counters(be)
+        t0 = time.perf_counter()
+        jax.block_until_ready(once(settings.warmup + i))
+        wall = time.perf_counter() - t0
+        after, _ = _counters(be)
+        row = {"wall_s": wall, **split_time(wall, before, after)}
+        rows.append(row)
+        log(f"  {model.name} {name:<9} rep {i + 1}/{settings.repeats}: {wall:.3f} s "
+            f"(trusted {row['trusted_compute_s']:.3f} s)")
+      _, after_stage = _counters(be)
+      traffic = be.ledger_summary() if hasattr(be, "ledger_summary") else None
+      crossed = {name: (crossed_bytes(traffic, c) - crossed_bytes(ledger_before, c))
+                 / settings.repeats for name, c in (("all", None),
+                                                    ("residuals", RESIDUAL_CLASSES))}
+      peak = peak_rss_bytes(pid) if pid is not None else None
+  med = _median_dict(rows)
+  result = {"backend": name, "median": med, "repeats": rows, "startup_s": startup,
+            "trusted_peak_rss_bytes": peak,
+            "stages": stage_breakdown(before_stage, after_stage, settings.repeats),
+            "bytes_per_repeat": crossed, "ledger": traffic}
+  return result
+
+
+RESIDUAL_CLASSES = frozenset({"activation_residual", "conv_output_residual",
+                              "residual_gradient", "output_gradient_residual",
+                              "output_gradient"})
+
+
+def crossed_bytes(ledger: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+                  classes: frozenset[str] | None = None) -> int:
+  """Bytes of payloads (both directions, of ``classes`` or all) in a ledger summary."""
+  if not ledger:
+    return 0
+  return sum(int(row["bytes"]) for rows in ledger.values() for row in rows
+             if classes is None or row["class"] in classes)
+
+
+def bridge_figures(result: Mapping[str, Any]) -> dict[str, float] | None:
+  """Payload throughput and per-call fixed overhead of a bridged backend.
+
+  Throughput: the bytes that crossed per repetition (residuals, and the
+  public weights that every stage call carries) over the transfer time (the
+  copies into and out of the shared-memory arena and their validation, both
+  ends); the residual share of those bytes is reported alongside.  Fixed
+  overhead: the waiting time per bridge call (socket round trip, wake-ups and
+  scheduling: everything but compute and copies).
+  """
+  med = result["median"]
+  if not med.get("bridge_calls"):
+    return None
+  crossed = result["bytes_per_repeat"]
+  return {"bytes_per_step": crossed["all"], "residual_bytes_per_step": crossed["residuals"],
+          "transfer_s_per_step": med["transfer_s"],
+          "throughput_gb_s": (crossed["all"] / med["transfer_s"] / 1e9
+                              if med["transfer_s"] > 0 else math.inf),
+          "fixed_overhead_us_per_call": 1e6 * med["waiting_s"] / med["bridge_calls"]}
+
+
+# ------------------------------------------------------------------ the run
+def run(settings: BenchmarkSettings, *, workdir: str | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs every backend on every model; returns the JSON-ready report."""
+  from asymml_jax import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  cores = None
+  if settings.pin:
+    cores = split_cores(available_cores())
+    pin_process(os.getpid(), cores[1])
+    log(f"pinned: enclave on cores {sorted(cores[0])}, untrusted on {sorted(cores[1])}")
+  report: dict[str, Any] = {"settings": {**dataclasses.asdict(settings),
+                                         "models": list(settings.models),
+                                         "backends": list(settings.backends)},
+                            "machine": machine_info(), "models": {}}
+  own_tmp = workdir is None
+  workdir = workdir or tempfile.mkdtemp(prefix="asymml-bench-")
+  try:
+    for mname in settings.models:
+      model = get_model(mname, input_shape=(settings.input_size, settings.input_size,
+                                            settings.channels), width=settings.width)
+      variables = model.init(jax.random.key(settings.seed))
+      batch = synthetic_batch(model, settings.batch_size, settings.seed)
+      plan = plan_lib.make_plan(model, settings.batch_size, settings.decomposition)
+      rows = {}
+      for name in settings.backends:
+        log(f"{mname}: {name} ({settings.mode}, batch {settings.batch_size}, "
+            f"{settings.input_size}x{settings.input_size})")
+        rows[name] = _run_backend(name, model, variables, batch, settings, workdir, cores, log)
+      base = rows[RATIO_BASELINE]["median"]
+      for name, r in rows.items():
+        med = r["median"]
+        r["ratio_wall_vs_tee_only"] = base["wall_s"] / med["wall_s"]
+        r["ratio_trusted_vs_tee_only"] = (base["trusted_compute_s"] / med["trusted_compute_s"]
+                                          if med["trusted_compute_s"] > 0 else None)
+      report["models"][mname] = {
+          "plan": {"trusted_mac_ratio_forward": plan.trusted_mac_ratio,
+                   "trusted_macs": plan.trusted_macs, "dense_macs": plan.dense_macs,
+                   "bytes_across": plan.bytes_across,
+                   "modes": {s: p.mode for s, p in plan.sites.items()}},
+          "backends": rows,
+          "bridge": bridge_figures(rows["enclave"]) if "enclave" in rows else None}
+  finally:
+    if own_tmp:
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(workdir, ignore_errors=True)
+  return report
+
+
+def machine_info() -> dict[str, Any]:
+  """What the numbers came from."""
+  import platform  # pylint: disable=g-import-not-at-top
+  return {"cpu_count": os.cpu_count(), "cores_allowed": available_cores(),
+          "platform": platform.platform(), "processor": platform.processor(),
+          "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+          "load_average": os.getloadavg()}
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+  """A plain-text table of the report: medians, breakdown and ratios."""
+  lines = []
+  head = (f"{'model':<9}{'backend':<10}{'wall s':>9}{'trusted':>9}{'untrust':>9}"
+          f"{'transfer':>9}{'waiting':>9}{'x wall':>8}{'x trust':>8}{'peak MB':>9}")
+  lines.append(head)
+  lines.append("-" * len(head))
+  for mname, m in report["models"].items():
+    for name, r in m["backends"].items():
+      med = r["median"]
+      rt = r["ratio_trusted_vs_tee_only"]
+      peak = r["trusted_peak_rss_bytes"]
+      lines.append(
+          f"{mname:<9}{name:<10}{med['wall_s']:>9.3f}{med['trusted_compute_s']:>9.3f}"
+          f"{med['untrusted_compute_s']:>9.3f}{med['transfer_s']:>9.3f}{med['waiting_s']:>9.3f}"
+          f"{r['ratio_wall_vs_tee_only']:>7.2f}x{(f'{rt:.2f}x' if rt else '-'):>8}"
+          f"{(f'{peak / 2**20:.0f}' if peak else '-'):>9}")
+    p = m["plan"]
+    lines.append(f"{mname:<9}planner trusted-MAC ratio (forward): "
+                 f"{p['trusted_mac_ratio_forward']:.2f}x")
+    b = m.get("bridge")
+    if b:
+      lines.append(f"{mname:<9}bridge: payloads {b['throughput_gb_s']:.2f} GB/s "
+                   f"({b['residual_bytes_per_step'] / 1e6:.1f} of {b['bytes_per_step'] / 1e6:.1f} "
+                   "MB per step residuals), "
+                   f"fixed overhead {b['fixed_overhead_us_per_call']:.0f} us per call")
+  return "\n".join(lines)
+
+
+def plot(report: Mapping[str, Any], path: str) -> None:
+  """Stacked bars of the breakdown per backend, one panel per model (PNG)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  models = list(report["models"])
+  fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4), squeeze=False)
+  colours = {"trusted_compute_s": "#c0392b", "untrusted_compute_s": "#2980b9",
+             "transfer_s": "#f39c12", "waiting_s": "#7f8c8d"}
+  for ax, mname in zip(axes[0], models):
+    rows = report["models"][mname]["backends"]
+    names = list(rows)
+    bottom = np.zeros(len(names))
+    for key in BREAKDOWN_KEYS:
+      vals = np.array([rows[n]["median"][key] for n in names])
+      ax.bar(names, vals, bottom=bottom, color=colours[key],
+             label=key.replace("_s", "").replace("_", " "))
+      bottom += vals
+    for i, n in enumerate(names):
+      ax.text(i, bottom[i], f"{rows[n]['ratio_wall_vs_tee_only']:.1f}x", ha="center",
+              va="bottom", fontsize=9)
+    ax.set_title(f"{mname} ({report['settings']['mode']}, "
+                 f"plan {report['models'][mname]['plan']['trusted_mac_ratio_forward']:.1f}x)")
+    ax.set_ylabel("seconds per step (median)")
+  axes[0][0].legend(fontsize=8)
+  fig.suptitle("time per step; label: speed-up over tee_only (same run)", fontsize=10)
+  fig.tight_layout()
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+  os.close(fd)
+  try:
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.remove(tmp)
