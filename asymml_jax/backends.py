@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asymml_jax import integrity
 from asymml_jax import stages as st
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.executor import TrustedExecutor, to_numpy
@@ -103,13 +104,20 @@ class InlineBackend(Backend):
     self._grad = jax.jit(grad_fn)
     self._eval = jax.jit(eval_fn)
 
+  def _checked(self, fn, *args):
+    """``fn(*args)``; with integrity checks on, waits and raises their typed error."""
+    if not self.plan.verify_untrusted:
+      return fn(*args)
+    with integrity.typed_errors():
+      return jax.block_until_ready(fn(*args))
+
   def grads(self, params, stats, batch, step):
     self.model.check_input(batch["image"])
-    return self._grad(params, stats, batch, self._key, jnp.int32(step))
+    return self._checked(self._grad, params, stats, batch, self._key, jnp.int32(step))
 
   def evaluate(self, params, stats, batch, index):
     self.model.check_input(batch["image"])
-    return self._eval(params, stats, batch, self._key, jnp.int32(-1 - index))
+    return self._checked(self._eval, params, stats, batch, self._key, jnp.int32(-1 - index))
 
 
 # ------------------------------------------------------------ host callbacks

@@ -44,6 +44,12 @@ class DecompositionConfig:
     num_iters: block subspace iterations (1-3 suffice with a Rayleigh-Ritz step).
     scope: ``per_sample`` (one ``U`` per sample; the only scope allowed with DP)
       or ``per_batch`` (one ``U`` for the whole batch).
+    verify_untrusted: the trusted stages check every result of the split
+      convolutions that comes back from the accelerator (``conv(R, W)``
+      forward, the residual gradient ``conv^T(dY_R, W)`` backward) with a
+      Freivalds test and raise :class:`asymml_jax.integrity.IntegrityError`
+      on a wrong one (DESIGN section 6).  Off, nothing is checked and the
+      compiled programs are those of a plan without the field.
   """
 
   rank_fraction: float = 1.0 / 16.0
@@ -52,6 +58,7 @@ class DecompositionConfig:
   tau: float = 0.1
   num_iters: int = 2
   scope: str = "per_sample"
+  verify_untrusted: bool = False
 
   def __post_init__(self):
     if not 0.0 < self.rank_fraction <= 1.0:
@@ -67,6 +74,8 @@ class DecompositionConfig:
       raise ValueError(f"num_iters must be in [1, 10], got {self.num_iters}")
     if self.scope not in SCOPES:
       raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+    if not isinstance(self.verify_untrusted, bool):
+      raise ValueError(f"verify_untrusted must be a bool, got {self.verify_untrusted!r}")
 
   def r_max(self, channels: int) -> int:
     """The static number of columns of ``U`` for ``channels`` input channels."""

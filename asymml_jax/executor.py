@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asymml_jax import integrity
 from asymml_jax import stages as st
 from asymml_jax.models.base import StagedModel
 from asymml_jax.plan import Plan
@@ -112,6 +113,13 @@ class TrustedExecutor:
           _stage_fn, self.model, self.plan, k, train))
     return self._jitted[(k, train)]
 
+  def _call(self, fn, *args):
+    """``fn(*args)``; with integrity checks on, waits for it and raises their typed error."""
+    if not self.plan.verify_untrusted:
+      return fn(*args)
+    with integrity.typed_errors():
+      return jax.block_until_ready(fn(*args))
+
   # ---------------------------------------------------------------- forward
   def forward(self, tag: int, k: int, yr: Mapping, params_k: Mapping,
               stats_k: Mapping):
@@ -122,7 +130,7 @@ class TrustedExecutor:
     if k not in s.priv:
       raise ExecutorError(f"step {tag}: stage {k} called before stage {k - 1}")
     key = st.step_key(self._key, tag)
-    res = self._fn(k, s.train)(yr, params_k, stats_k, s.priv[k], s.batch, key)
+    res = self._call(self._fn(k, s.train), yr, params_k, stats_k, s.priv[k], s.batch, key)
     if s.train:
       (rs, priv_out, loss), (new_stats, metrics), vjp = res
       s.vjps[k] = vjp
@@ -155,7 +163,7 @@ class TrustedExecutor:
     rs, loss, _, _ = s.outputs[k]
     drs = {name: jnp.asarray(drs[name], rs[name].dtype) for name in rs}
     dl = None if loss is None else jnp.asarray(dloss, jnp.float32).reshape(())
-    dyr, dparams, dpriv_in = _apply_vjp(s.vjps[k], (drs, dpriv_out, dl))
+    dyr, dparams, dpriv_in = self._call(_apply_vjp, s.vjps[k], (drs, dpriv_out, dl))
     s.dpriv[k] = dpriv_in
     del s.vjps[k]
     s.dpriv.pop(k + 1, None)

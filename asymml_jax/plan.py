@@ -82,6 +82,11 @@ class Plan:
   expected_batch_size: float | None = None
 
   @property
+  def verify_untrusted(self) -> bool:
+    """Whether the trusted stages check the accelerator's results (:mod:`asymml_jax.integrity`)."""
+    return self.decomposition.verify_untrusted
+
+  @property
   def protects_gradients(self) -> bool:
     """Whether output gradients of split convolutions are decomposed before leaving."""
     return self.privacy.gradient_protection == "decompose"

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from asymml_jax import decomposition as dec
+from asymml_jax import integrity
 from asymml_jax import ops
 from asymml_jax.models.base import StagedModel
 from asymml_jax.plan import Plan
@@ -42,18 +43,24 @@ def empty_private() -> dict:
   """Private state carried between trusted stages.
 
   ``carry`` (shortcuts), and per site: ``x`` (activations of fully trusted
-  convs), ``p``/``u`` (principal channels) and ``r`` (the released residual,
-  kept for the TEE's share of the weight gradient under gradient protection).
+  convs), ``p``/``u`` (principal channels), ``r`` (the released residual,
+  kept for the TEE's share of the weight gradient under gradient protection
+  and for the integrity checks) and ``probe`` (the backward integrity check's
+  channel between the stage that released a residual and its readers,
+  :func:`asymml_jax.integrity.watch_residual`).
   """
-  return {"carry": {}, "x": {}, "p": {}, "u": {}, "r": {}}
+  return {"carry": {}, "x": {}, "p": {}, "u": {}, "r": {}, "probe": {}}
 
 
 # Key streams of one step (DESIGN section 11): site ``i`` decomposes with
 # ``fold_in(key, i)`` and noises its release with ``fold_in(fold_in(key, i),
 # ACTIVATION_NOISE)``; conv ``j``'s output gradient uses
-# ``fold_in(fold_in(key, GRADIENT_STREAM), j)``.
+# ``fold_in(fold_in(key, GRADIENT_STREAM), j)``; the integrity checks (forward:
+# conv ``j``; backward: site ``i``) use ``fold_in(fold_in(fold_in(key,
+# INTEGRITY_STREAM), direction), index)``.
 ACTIVATION_NOISE = 1
 GRADIENT_STREAM = 0x67726164  # "grad": far above any site index
+INTEGRITY_STREAM = 0x76657269  # "veri"
 
 
 def site_key(key: jax.Array, index: int) -> jax.Array:
@@ -69,6 +76,13 @@ def release_noise_key(key: jax.Array, index: int) -> jax.Array:
 def gradient_key(key: jax.Array, conv_index: int) -> jax.Array:
   """Key of conv ``conv_index``'s output-gradient decomposition and noise."""
   return jax.random.fold_in(jax.random.fold_in(key, GRADIENT_STREAM), conv_index)
+
+
+def integrity_key(key: jax.Array, index: int, direction: str) -> jax.Array:
+  """Key of an integrity check's signs: conv ``index`` (forward) or site ``index`` (backward)."""
+  d = integrity.DIRECTIONS.index(direction)
+  return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, INTEGRITY_STREAM), d),
+                            index)
 
 
 def release_residual(plan: Plan, residual: jax.Array, key: jax.Array, index: int) -> jax.Array:
@@ -130,6 +144,13 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
   ``Y_R`` passes through :func:`asymml_jax.privacy.gradients.protect_output`,
   so the backward pass releases only ``dY_R``.
 
+  With ``plan.verify_untrusted`` every ``Y_R`` received is checked against the
+  ``R`` this side released (:func:`asymml_jax.integrity.check_conv`), and in
+  training every residual gradient the accelerator returns for a released
+  ``R`` is checked in this function's VJP (:func:`asymml_jax.integrity.watch_residual`,
+  :func:`asymml_jax.integrity.tap_output`); a failure raises
+  :class:`asymml_jax.integrity.IntegrityError` (see :func:`asymml_jax.integrity.typed_errors`).
+
   Args:
     model: the staged model.
     plan: per-site modes and ranks.
@@ -149,8 +170,10 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
     else ``None``), updated batch statistics and aggregate metrics.
   """
   cfg = plan.decomposition
+  verify = plan.verify_untrusted
   ys = {}
   if k > 0:
+    checks, labels = {}, {}
     for c in model.groups[k - 1]:
       sp = plan.sites[c.site]
       p = params_k["convs"][c.name]
@@ -160,6 +183,19 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
         y = yr[c.name]
       else:
         y_r = yr[c.name].astype(jnp.float32)
+        if verify:
+          sg = jax.lax.stop_gradient
+          r_sent = priv_in["r"][c.site]
+          checks[c.name] = integrity.check_conv(
+              sg(yr[c.name]), sg(r_sent), sg(p["kernel"]), c,
+              integrity_key(key, model.conv_index(c.name), "forward"))
+          labels[c.name] = f"conv {c.name!r} (site {c.site!r})"
+          if train:
+            y_r = integrity.tap_output(
+                y_r, priv_in["probe"][c.site], p["kernel"],
+                integrity_key(key, sp.index, "backward"),
+                integrity.OutputTap(spec=c, input_hw=tuple(r_sent.shape[1:3]),
+                                    result_dtype=jnp.dtype(yr[c.name].dtype).name))
         if plan.protects_gradients:
           y_r = grad_lib.protect_output(
               y_r, priv_in["r"][c.site], p["kernel"],
@@ -167,6 +203,8 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
         y = ops.combine(ops.lowrank_conv(priv_in["p"][c.site], priv_in["u"][c.site],
                                          p["kernel"], c), y_r, None)
       ys[c.name] = ops.combine(None, y, p.get("bias"))
+    if checks:
+      integrity.enforce(checks, stage=k, direction="forward", labels=labels)
   carry = dict(priv_in["carry"])
   if k == 0:
     model.check_input(batch["image"])
@@ -197,8 +235,12 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
       d = dec.decompose(x, site_key(key, sp.index), sp.r_max, tau=cfg.tau,
                         num_iters=cfg.num_iters, scope=sp.mode, min_rank=cfg.min_rank)
       rs[site] = release_residual(plan, d.residual, key, sp.index)
-      if plan.protects_gradients:
+      if plan.protects_gradients or verify:
         priv_out["r"][site] = rs[site]
+      if verify and train:
+        rs[site], priv_out["probe"][site] = integrity.watch_residual(
+            rs[site], integrity_key(key, sp.index, "backward"),
+            integrity.ResidualCheck(site=site, stage=k, readers=sp.consumers))
       priv_out["p"][site] = d.p
       priv_out["u"][site] = d.u
   return (rs, priv_out, None), (new_stats, None)

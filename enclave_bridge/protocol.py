@@ -128,10 +128,21 @@ class EnclaveFailure(ProtocolError):
   code = "enclave"
 
 
+class IntegrityViolation(ProtocolError):
+  """The accelerator's result failed the enclave's Freivalds check (``verify_untrusted``).
+
+  The enclave's :class:`asymml_jax.integrity.IntegrityError`, carried across:
+  a wrong or tampered ``conv(R, W)`` (forward) or residual gradient (backward).
+  """
+
+  code = "integrity"
+
+
 ERRORS: dict[str, type[ProtocolError]] = {
     c.code: c for c in (ProtocolError, MalformedFrame, UnsupportedVersion, OversizedFrame,
                         OutOfOrder, UnknownOp, UndeclaredTensor, ShapeMismatch,
-                        DtypeMismatch, NonFinite, OutOfBounds, StateError, EnclaveFailure)}
+                        DtypeMismatch, NonFinite, OutOfBounds, StateError, EnclaveFailure,
+                        IntegrityViolation)}
 
 
 @dataclasses.dataclass(frozen=True)

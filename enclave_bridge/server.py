@@ -87,8 +87,11 @@ class EnclaveServer:
         e = pr.EnclaveFailure(f"{type(e).__name__}: {e}")
       try:
         from asymml_jax.executor import ExecutorError
+        from asymml_jax.integrity import IntegrityError
         if isinstance(e, ExecutorError):
           e = pr.StateError(str(e))
+        elif isinstance(e, IntegrityError):
+          e = pr.IntegrityViolation(str(e))
       except ImportError:  # pragma: no cover
         pass
       return pr.encode(pr.error_message(seq, tag, stage, e))

@@ -35,6 +35,9 @@ _GRAD = flags.DEFINE_enum("gradient_protection", "decompose", ["decompose", "non
                           "decompose: only the residual of each output gradient leaves the "
                           "TEE; none: the full dY leaves (the reference implementation).")
 _FLOOR = flags.DEFINE_bool("floor", True, "Also measure the float32 floor of dense itself.")
+_VERIFY = flags.DEFINE_bool("verify_untrusted", False,
+                            "The trusted stages of the split backends also check every "
+                            "accelerator result (Freivalds test, asymml_jax.integrity).")
 
 
 def main(argv):
@@ -48,7 +51,8 @@ def main(argv):
     with tempfile.TemporaryDirectory(prefix="asymml-verify-") as tmp:
       result = verify.compare(
           model, _BACKENDS.value, batch_size=_BATCH.value,
-          decomposition=DecompositionConfig(rank_fraction=_RANK.value, tau=_TAU.value),
+          decomposition=DecompositionConfig(rank_fraction=_RANK.value, tau=_TAU.value,
+                                            verify_untrusted=_VERIFY.value),
           seed=_SEED.value, force=_FORCE.value,
           prepare=enclave_bridge.verification_options(tmp, model.num_classes),
           floor=_FLOOR.value, gradient_protection=_GRAD.value)

@@ -28,9 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 250
   c.augment_flip = False
   c.augment_crop = 2        # random shifts of up to 2 pixels (zero padding)
+  # verify_untrusted: the enclave checks every result of the accelerator
+  # (Freivalds test, asymml_jax.integrity) and stops on a wrong one.
   c.decomposition = ml_collections.ConfigDict(dict(
       rank_fraction=1.0 / 16.0, max_rank=None, min_rank=1, tau=0.1, num_iters=2,
-      scope="per_sample"))
+      scope="per_sample", verify_untrusted=False))
   # Process backends (enclave, tee_only): the sealed data set and its key file
   # (`make demo` creates both), how to start the enclave, its CPU threads and
   # the size of each shared-memory region.
