@@ -173,6 +173,24 @@ def test_pca_project_wide_data():
   assert leakage.pca_project(a, 10).shape == (20, 10)
 
 
+def test_pca_project_randomized_solver_matches_exact():
+  """The randomized solver (fixed seed) finds the exact leading components."""
+  a = _images(400, 3, shape=(12, 12, 1))  # 4 latent factors: a clear spectral gap
+  exact = leakage.pca_project(a, 4)
+  rand = leakage.pca_project(a, 4, solver="randomized")
+  np.testing.assert_array_equal(rand, leakage.pca_project(a, 4, solver="randomized"))
+  for j in range(4):
+    sign = np.sign(rand[:, j] @ exact[:, j])
+    np.testing.assert_allclose(rand[:, j], sign * exact[:, j], atol=1e-6 * np.abs(exact).max())
+  x = _images(400, 4)
+  near = x + 0.1 * np.random.default_rng(5).standard_normal(x.shape)
+  ex = leakage.mutual_information(x, near, dim=4, solver="exact")["mi_nats"]
+  rd = leakage.mutual_information(x, near, dim=4, solver="randomized")["mi_nats"]
+  assert rd == pytest.approx(ex, abs=1e-3)
+  with pytest.raises(ValueError, match="solver"):
+    leakage.pca_project(a, 2, solver="arpack")
+
+
 def test_mutual_information_images():
   x = _images(1000, 0)
   g = np.random.default_rng(1)
