@@ -8,8 +8,11 @@ same run** (a lone absolute time on a shared CPU means little):
 * ``enclave``: AsymML, the trusted half in the enclave process, the untrusted
   half in this process's jitted program (on ``--untrusted_device``);
 * ``dense``: everything untrusted (the GPU-only baseline, no privacy);
-* ``slalom``: Slalom's blinded, Freivalds-verified inference (when the Slalom
-  baseline is installed as a backend; inference only).
+* ``slalom``: Slalom's blinded, Freivalds-verified inference
+  (:mod:`asymml_jax.baselines.slalom`; inference only).  Its trusted part runs
+  in this process (the harness times it from the runner's own counters), its
+  offline precomputation for every repetition is done before timing and
+  reported as ``precompute_s``.
 
 Per backend and repetition it records the wall time of a training step
 (``grads``) or of an inference batch (``evaluate``) and splits it, from the
@@ -46,6 +49,7 @@ import jax
 import numpy as np
 
 from asymml_jax import backends as bk
+from asymml_jax.baselines import slalom as _slalom  # noqa: F401  (registers ``slalom``)
 from asymml_jax.decomposition import SCOPES, DecompositionConfig
 from asymml_jax.models import get_model
 from asymml_jax.models.base import StagedModel
@@ -56,6 +60,7 @@ MODES = ("train", "infer")
 PROCESS_BACKENDS = bk.PROCESS_BACKENDS
 BREAKDOWN_KEYS = ("trusted_compute_s", "untrusted_compute_s", "transfer_s", "waiting_s")
 RATIO_BASELINE = "tee_only"
+SLALOM = "slalom"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,6 +93,11 @@ class BenchmarkSettings:
   channels: int = 3
   batch_size: int = 32
   backends: tuple[str, ...] = ("tee_only", "enclave", "dense")
+
+  @staticmethod
+  def default_backends(mode: str) -> tuple[str, ...]:
+    """``tee_only,enclave,dense``, plus ``slalom`` for inference."""
+    return ("tee_only", "enclave", "dense") + ((SLALOM,) if mode == "infer" else ())
   repeats: int = 3
   warmup: int = 1
   width: float = 1.0
@@ -114,6 +124,8 @@ class BenchmarkSettings:
         raise ValueError(f"unknown backend {b!r}; choices: {', '.join(sorted(known))}")
     if len(set(self.backends)) != len(self.backends):
       raise ValueError(f"a backend is listed twice: {self.backends}")
+    if self.mode == "train" and SLALOM in self.backends:
+      raise ValueError("slalom is inference-only: drop it from --backends or use --mode=infer")
     if RATIO_BASELINE not in self.backends:
       raise ValueError(f"backends must include {RATIO_BASELINE!r}: ratios are measured "
                        "against it in the same run")
@@ -263,6 +275,10 @@ def _run_backend(name: str, model: StagedModel, variables: Mapping, batch: Mappi
       if cores is not None and pid is not None:
         pin_process(pid, cores[0])
       own = None if name in PROCESS_BACKENDS else batch
+      precompute = None
+      if name == SLALOM:  # the offline phase, for every call below, untimed
+        precompute = be.precompute(params, stats, settings.batch_size,
+                                 count=settings.warmup + settings.repeats)
 
       def once(i: int):
         if train:
@@ -280,6 +296,9 @@ def _run_backend(name: str, model: StagedModel, variables: Mapping, batch: Mappi
         wall = time.perf_counter() - t0
         after, _ = _counters(be)
         row = {"wall_s": wall, **split_time(wall, before, after)}
+        if name == SLALOM:  # trusted part in this process: the runner's own split
+          row["trusted_compute_s"] = be.last_timing["trusted_s"]
+          row["untrusted_compute_s"] = max(0.0, wall - row["trusted_compute_s"])
         rows.append(row)
         log(f"  {model.name} {name:<9} rep {i + 1}/{settings.repeats}: {wall:.3f} s "
             f"(trusted {row['trusted_compute_s']:.3f} s)")
@@ -291,6 +310,7 @@ def _run_backend(name: str, model: StagedModel, variables: Mapping, batch: Mappi
       peak = peak_rss_bytes(pid) if pid is not None else None
   med = _median_dict(rows)
   result = {"backend": name, "median": med, "repeats": rows, "startup_s": startup,
+            "precompute_s": precompute,
             "trusted_peak_rss_bytes": peak,
             "stages": stage_breakdown(before_stage, after_stage, settings.repeats),
             "bytes_per_repeat": crossed, "ledger": traffic}

@@ -34,8 +34,9 @@ _MODELS = flags.DEFINE_list("models", ["vgg16"], "Models to benchmark.")
 _SIZE = flags.DEFINE_integer("input_size", 32, "Image height and width.")
 _CHANNELS = flags.DEFINE_integer("channels", 3, "Image channels.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Examples per step.")
-_BACKENDS = flags.DEFINE_list("backends", ["tee_only", "enclave", "dense"],
-                              "Backends, tee_only included (ratios are against it).")
+_BACKENDS = flags.DEFINE_list("backends", None,
+                              "Backends, tee_only included (ratios are against it); default "
+                              "tee_only,enclave,dense, plus slalom for --mode=infer.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per backend.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed repetitions first.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel width multiplier.")
@@ -58,7 +59,8 @@ def main(argv: Sequence[str]) -> None:
   try:
     settings = benchmark.BenchmarkSettings(
         mode=_MODE.value, models=tuple(_MODELS.value), input_size=_SIZE.value,
-        channels=_CHANNELS.value, batch_size=_BATCH.value, backends=tuple(_BACKENDS.value),
+        channels=_CHANNELS.value, batch_size=_BATCH.value, backends=tuple(_BACKENDS.value or benchmark.BenchmarkSettings.default_backends(
+            _MODE.value)),
         repeats=_REPEATS.value, warmup=_WARMUP.value, width=_WIDTH.value,
         rank_fraction=_RANK.value, num_iters=_ITERS.value, scope=_SCOPE.value,
         pin=_PIN.value, enclave_threads=_THREADS.value, untrusted_device=_DEVICE.value,

@@ -25,6 +25,7 @@ from enclave_bridge import benchmark as bm
     ({"scope": "per_pixel"}, "scope must be one of"),
     ({"untrusted_device": "gpu"}, "no gpu device is available"),
     ({"untrusted_device": "fpga"}, "untrusted device must be one of"),
+    ({"mode": "train", "backends": ("tee_only", "slalom")}, "slalom is inference-only"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
   if kwargs.get("untrusted_device") == "gpu":
@@ -139,3 +140,26 @@ def test_tiny_run_reports_ratios_breakdown_and_memory(tmp_path):
   # the enclaves are gone and their sealed copies are under the workdir only
   assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
       "vgg11-enclave", "vgg11-tee_only"]
+
+
+def test_default_backends_add_slalom_for_inference_only():
+  assert bm.BenchmarkSettings.default_backends("train") == ("tee_only", "enclave", "dense")
+  assert bm.BenchmarkSettings.default_backends("infer") == (
+      "tee_only", "enclave", "dense", "slalom")
+
+
+def test_tiny_inference_run_times_slalom_from_its_own_counters(tmp_path):
+  settings = bm.BenchmarkSettings(mode="infer", models=("vgg11",), input_size=32, channels=3,
+                                  batch_size=2, width=0.125, repeats=2, warmup=1,
+                                  backends=("tee_only", "slalom"))
+  report = bm.run(settings, workdir=str(tmp_path), log=lambda s: None)
+  rows = report["models"]["vgg11"]["backends"]
+  slalom = rows["slalom"]
+  assert slalom["precompute_s"] > 0 and rows["tee_only"]["precompute_s"] is None
+  for rep in slalom["repeats"]:
+    assert 0 < rep["trusted_compute_s"] < rep["wall_s"]
+    assert rep["untrusted_compute_s"] == pytest.approx(rep["wall_s"] - rep["trusted_compute_s"])
+    assert rep["bridge_calls"] == 0
+  assert slalom["ratio_trusted_vs_tee_only"] == pytest.approx(
+      rows["tee_only"]["median"]["trusted_compute_s"] / slalom["median"]["trusted_compute_s"])
+  assert "slalom" in bm.format_table(report)
