@@ -103,11 +103,18 @@ def lowrank_conv(p: jax.Array, u: jax.Array, kernel: jax.Array,
   folded = fold_kernel(kernel, u)
   if u.ndim == 2:
     return conv(p, folded, spec.strides, spec.padding)
-
-  def one(p1, k1):
-    return conv(p1[None], k1, spec.strides, spec.padding)[0]
-
-  return jax.vmap(one)(p, folded)
+  # Per sample, one folded kernel per sample: as im2col + a batched matmul.
+  # (A vmapped convolution becomes a grouped convolution of ``r``-channel
+  # groups, which XLA's CPU kernels run at a fraction of their dense speed:
+  # 1.7x slower than this at 224x224, C = 64, r = 4.)
+  kh, kw = spec.kernel_size
+  patches = jax.lax.conv_general_dilated_patches(
+      p, (kh, kw), spec.strides, spec.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)  # (B, Ho, Wo, r*kh*kw), channel-major
+  b, r = p.shape[0], p.shape[-1]
+  mat = jnp.transpose(folded, (0, 3, 1, 2, 4)).reshape(b, r * kh * kw, folded.shape[-1])
+  return jnp.einsum("bhwk,bko->bhwo", patches, mat, precision=jax.lax.Precision.HIGHEST)
 
 
 def combine(y_lowrank: jax.Array | None, y_residual: jax.Array,
