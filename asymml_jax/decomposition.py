@@ -163,12 +163,42 @@ def energy_rank(energies: jax.Array, total: jax.Array, tau: float,
   return jnp.clip(rank, min(min_rank, r_max), r_max).astype(jnp.int32)
 
 
+def gram_subspace(gram: jax.Array, q0: jax.Array, num_iters: int
+                  ) -> tuple[jax.Array, jax.Array]:
+  """:func:`subspace_iteration` then :func:`rayleigh_ritz` on a formed ``X X^T``.
+
+  The same iteration ``Q <- orth(G Q)`` and Ritz step ``eig(Q^T G Q)`` with
+  ``G = X X^T`` (``C x C``) formed once: one pass over the activations
+  instead of ``2 num_iters + 1``.  For tall ``x2d`` (many pixels, few
+  channels: the high-resolution layers) that pass is a compute-efficient
+  matrix product, while the thin products of the iteration are bound by
+  memory bandwidth (1.4x faster at 224x224x64 on XLA CPU).
+  """
+  q = q0
+  for _ in range(num_iters):
+    q, _ = jnp.linalg.qr(jnp.matmul(gram, q, precision=_HIGHEST))
+  b = jnp.matmul(q.T, jnp.matmul(gram, q, precision=_HIGHEST), precision=_HIGHEST)
+  evals, evecs = jnp.linalg.eigh(b)
+  return q @ evecs[:, ::-1], jnp.maximum(evals[::-1], 0.0)
+
+
+# Form X X^T when a sample has at least this many pixels per channel
+# (measured crossover on XLA CPU: about 12; see gram_subspace).
+GRAM_MIN_PIXELS_PER_CHANNEL = 16
+
+
 def _basis(x2d: jax.Array, q0: jax.Array, num_iters: int, tau: float,
            min_rank: int, r_max: int) -> tuple[jax.Array, jax.Array]:
-  q = subspace_iteration(x2d, q0, num_iters)
-  q, energies = rayleigh_ritz(x2d, q)
+  if x2d.shape[0] >= GRAM_MIN_PIXELS_PER_CHANNEL * x2d.shape[1]:
+    gram = jnp.matmul(x2d.T, x2d, precision=_HIGHEST)
+    q, energies = gram_subspace(gram, q0, num_iters)
+    total = jnp.trace(gram)
+  else:
+    q = subspace_iteration(x2d, q0, num_iters)
+    q, energies = rayleigh_ritz(x2d, q)
+    total = jnp.sum(x2d * x2d)
   q, energies = q[:, :r_max], energies[:r_max]  # drop the oversampling columns
-  rank = energy_rank(energies, jnp.sum(x2d * x2d), tau, min_rank)
+  rank = energy_rank(energies, total, tau, min_rank)
   mask = jnp.arange(r_max) < rank
   return q * mask[None, :].astype(q.dtype), rank
 

@@ -558,3 +558,21 @@ def test_config_is_frozen_and_keyword_only():
 ])
 def test_r_max_rule(kwargs, channels, expected):
   assert dec.DecompositionConfig(**kwargs).r_max(channels) == expected
+
+
+def test_gram_path_gives_the_thin_paths_subspace_and_energies(monkeypatch):
+  """Forming X X^T once (tall activations) is the same iteration and Ritz step."""
+  x2d = jax.nn.relu(jax.random.normal(jax.random.key(3), (40 * 12, 12)) + 0.2)
+  q0 = jax.random.normal(jax.random.key(4), (12, 5))
+  q_thin, e_thin = dec.rayleigh_ritz(x2d, dec.subspace_iteration(x2d, q0, 2))
+  q_gram, e_gram = dec.gram_subspace(x2d.T @ x2d, q0, 2)
+  np.testing.assert_allclose(e_gram, e_thin, rtol=1e-4)
+  # the same vectors up to sign
+  np.testing.assert_allclose(jnp.abs(jnp.sum(q_gram * q_thin, axis=0)), 1.0, atol=1e-4)
+  assert x2d.shape[0] >= dec.GRAM_MIN_PIXELS_PER_CHANNEL * x2d.shape[1]  # decompose takes it
+  x = x2d.reshape(1, 40, 12, 12)
+  d = dec.decompose(x, jax.random.key(5), 3, tau=0.1)
+  monkeypatch.setattr(dec, "GRAM_MIN_PIXELS_PER_CHANNEL", 10**9)  # the thin path
+  thin = dec.decompose(x, jax.random.key(5), 3, tau=0.1)
+  assert int(d.rank[0]) == int(thin.rank[0])
+  np.testing.assert_allclose(d.residual, thin.residual, atol=1e-4)
