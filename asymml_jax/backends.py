@@ -23,6 +23,13 @@ The host-callback machinery (:class:`CallbackHook`) is shared by ``local`` and
 backward both call the host through ``jax.pure_callback``.  The forward
 callback also returns a token that the backward callback consumes, so XLA can
 neither drop a forward whose value is unused nor run a backward before it.
+
+Data parallelism (DESIGN section 10): ``dense``, ``inline``, ``local`` and
+``enclave`` take an optional ``mesh=`` (:func:`asymml_jax.parallel.make_mesh`);
+with it the step is jitted with the batch split over the mesh's ``data`` axis
+and everything else replicated, and each callback serves the whole batch once
+with its residuals re-sharded for the accelerator (see
+:mod:`asymml_jax.parallel` for why).  Without a mesh nothing changes.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from asymml_jax import integrity
+from asymml_jax import parallel
 from asymml_jax import stages as st
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.executor import TrustedExecutor, to_numpy
@@ -80,18 +89,75 @@ def _struct(tree):
 batch_struct = st.batch_struct
 
 
+def _sharded_group(mesh: Mesh) -> Callable[..., dict]:
+  """:func:`asymml_jax.stages.untrusted_group`, data-parallel over ``mesh``.
+
+  The residuals (whole, from the trusted side) are replicated, then split
+  over ``data``; the results are split, then replicated for the trusted side
+  (constraining only the input lets XLA gather it and convolve the whole batch
+  on every device; the explicit replicated step turns the move from and to a
+  callback's single device into a plain broadcast/gather).  In the backward
+  pass the same constraints keep the gradient convolutions split, and XLA
+  sums the kernel gradients over the devices.
+  """
+  def group(model_, plan_, k, conv_params, rs, residual_dtype_):
+    rs = parallel.shard_batch(parallel.replicate(rs, mesh), mesh)
+    out = st.untrusted_group(model_, plan_, k, conv_params, rs, residual_dtype_)
+    return parallel.replicate(parallel.shard_batch(out, mesh), mesh)
+  return group
+
+
+class _WholeBatchHook(st.InlineHook):
+  """The ``inline`` hook on a mesh: each trusted stage on the whole batch, unpartitioned.
+
+  Every stage runs in a ``jax.shard_map`` whose inputs and outputs are all
+  replicated, so each device computes it on the whole batch, as one enclave
+  serving the host does (DESIGN section 10, :mod:`asymml_jax.parallel`), and
+  XLA's SPMD partitioner never splits the TEE's computation over the batch.
+  (It miscompiles the batch-grouped convolution of the per-sample kernel
+  gradients in :func:`asymml_jax.privacy.gradients.trusted_gradient_shares`
+  when the batch is sharded: 0.3-0.9 relative error, jax 0.10.2.)
+  """
+
+  def __init__(self, model, plan, batch, key, train, mesh: Mesh):
+    super().__init__(model, plan, batch, key, train)
+    self.mesh = mesh
+
+  def __call__(self, k, yr, params_k, stats_k):
+    def stage(params_k, stats_k, yr, priv, batch, key):
+      return st.trusted_stage(self.model, self.plan, k, params_k, stats_k, yr, priv, batch,
+                              key, self.train)
+    whole = jax.shard_map(stage, mesh=self.mesh, in_specs=PartitionSpec(),
+                          out_specs=PartitionSpec())
+    (rs, self.priv, loss), (new_stats, metrics) = whole(
+        params_k, stats_k, yr, self.priv, self.batch, self.key)
+    return rs, loss, metrics, new_stats
+
+
 # --------------------------------------------------------------- in-program
 class InlineBackend(Backend):
   """``dense`` and ``inline``: trusted stages traced into the jitted step."""
 
   def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, *,
-               name: str = "inline", residual_dtype: Any = None):
+               name: str = "inline", residual_dtype: Any = None,
+               mesh: Mesh | None = None):
     self.name, self.model, self.plan, self._key = name, model, plan, key
     self._residual_dtype = residual_dtype
+    self.mesh = mesh
+    if mesh is not None:
+      if plan.verify_untrusted:  # the checks report through jax.debug.callback
+        parallel.check_callback_mesh(mesh, f"the {name} backend with integrity checks")
+      self._key = parallel.put_replicated(key, mesh)
 
     def loss(params, stats, batch, key, step, train):
-      return st.inline_loss(model, plan, params, stats, batch, key, step, train,
-                            residual_dtype)
+      if mesh is None or name == "dense":  # dense: every layer data-parallel
+        return st.inline_loss(model, plan, params, stats, batch, key, step, train,
+                              residual_dtype)
+      # inline on a mesh: the trusted half on the whole batch, as one enclave
+      # serving the host does; the untrusted convolutions data-parallel.
+      hook = _WholeBatchHook(model, plan, batch, st.step_key(key, step), train, mesh)
+      return st.run_untrusted(model, plan, params, stats, hook, residual_dtype,
+                              _sharded_group(mesh))
 
     def grad_fn(params, stats, batch, key, step):
       (l, (new_stats, metrics)), g = jax.value_and_grad(loss, has_aux=True)(
@@ -101,8 +167,22 @@ class InlineBackend(Backend):
     def eval_fn(params, stats, batch, key, index):
       return loss(params, stats, batch, key, index, False)[1][1]
 
-    self._grad = jax.jit(grad_fn)
-    self._eval = jax.jit(eval_fn)
+    if mesh is None:
+      self._grad = jax.jit(grad_fn)
+      self._eval = jax.jit(eval_fn)
+    else:  # DESIGN section 10: batch over ``data``, the rest replicated
+      rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+      self._grad = jax.jit(grad_fn, in_shardings=(rep, rep, data, rep, rep),
+                           out_shardings=rep)
+      self._eval = jax.jit(eval_fn, in_shardings=(rep, rep, data, rep, rep),
+                           out_shardings=rep)
+
+  def _place(self, params, stats, batch):
+    """Without a mesh: unchanged; with one: weights replicated, batch split (checked)."""
+    if self.mesh is None:
+      return params, stats, batch
+    return (*parallel.put_replicated((params, stats), self.mesh),
+            parallel.put_batch(batch, self.mesh))
 
   def _checked(self, fn, *args):
     """``fn(*args)``; with integrity checks on, waits and raises their typed error."""
@@ -113,10 +193,12 @@ class InlineBackend(Backend):
 
   def grads(self, params, stats, batch, step):
     self.model.check_input(batch["image"])
+    params, stats, batch = self._place(params, stats, batch)
     return self._checked(self._grad, params, stats, batch, self._key, jnp.int32(step))
 
   def evaluate(self, params, stats, batch, index):
     self.model.check_input(batch["image"])
+    params, stats, batch = self._place(params, stats, batch)
     return self._checked(self._eval, params, stats, batch, self._key, jnp.int32(-1 - index))
 
 
@@ -209,9 +291,11 @@ class HostBackend(Backend):
   """
 
   def __init__(self, model: StagedModel, plan: Plan, *, name: str,
-               residual_dtype: Any = None):
+               residual_dtype: Any = None, mesh: Mesh | None = None):
+    parallel.check_callback_mesh(mesh, f"the {name} backend")
     self.name, self.model, self.plan = name, model, plan
     self._residual_dtype = residual_dtype
+    self.mesh = mesh
     self._fault: BaseException | None = None
     self.wall_seconds = 0.0  # total time in grads/evaluate (for time breakdowns)
 
@@ -225,22 +309,33 @@ class HostBackend(Backend):
       return call
     host_forward = guard(lambda *a: self._host_forward(*a))
     host_backward = guard(lambda *a: self._host_backward(*a))
+    # With a mesh, each callback serves the whole batch once (bulk semantics)
+    # and its residuals are re-sharded over ``data`` before the untrusted
+    # convolutions (asymml_jax.parallel, DESIGN section 10).
+    group = None if mesh is None else _sharded_group(mesh)
 
     def grad_fn(params, stats, tag, batch_size):
       hook = CallbackHook(model, plan, batch_struct(model, batch_size), tag, True,
                           host_forward, host_backward)
       (l, (new_stats, metrics)), g = jax.value_and_grad(
-          lambda p: st.run_untrusted(model, plan, p, stats, hook, residual_dtype),
+          lambda p: st.run_untrusted(model, plan, p, stats, hook, residual_dtype, group),
           has_aux=True)(params)
       return l, g, new_stats, metrics
 
     def eval_fn(params, stats, tag, batch_size):
       hook = CallbackHook(model, plan, batch_struct(model, batch_size), tag, False,
                           host_forward, host_backward)
-      return st.run_untrusted(model, plan, params, stats, hook, residual_dtype)[1][1]
+      return st.run_untrusted(model, plan, params, stats, hook, residual_dtype,
+                              group)[1][1]
 
-    self._grad = jax.jit(grad_fn, static_argnames="batch_size")
-    self._eval = jax.jit(eval_fn, static_argnames="batch_size")
+    if mesh is None:
+      self._grad = jax.jit(grad_fn, static_argnames="batch_size")
+      self._eval = jax.jit(eval_fn, static_argnames="batch_size")
+    else:  # inputs are placed replicated by grads/evaluate (jit refuses
+      # in_shardings together with the keyword batch_size)
+      rep = parallel.replicated(mesh)
+      self._grad = jax.jit(grad_fn, static_argnames="batch_size", out_shardings=rep)
+      self._eval = jax.jit(eval_fn, static_argnames="batch_size", out_shardings=rep)
 
   @abc.abstractmethod
   def _begin(self, tag: int, batch: Mapping[str, Any] | None, train: bool) -> int:
@@ -269,11 +364,25 @@ class HostBackend(Backend):
     finally:
       self._end(tag)
 
+  def _batch_size(self, tag: int, batch, train: bool) -> int:
+    """:meth:`_begin`, with the batch checked to split evenly over the mesh."""
+    if self.mesh is not None and batch is not None:  # refused before the trusted side sees it
+      parallel.check_batch_size(int(np.shape(batch["image"])[0]), self.mesh)
+    n = self._begin(tag, batch, train)
+    try:
+      parallel.check_batch_size(n, self.mesh)
+    except ValueError:
+      self._end(tag)
+      raise
+    return n
+
   def grads(self, params, stats, batch, step):
     t0 = time.perf_counter()
     try:
-      n = self._begin(int(step), batch, True)
-      return self._run(self._grad, int(step), params, stats, jnp.int32(step), batch_size=n)
+      params, stats, tag = parallel.put_replicated((params, stats, jnp.int32(step)),
+                                                   self.mesh)
+      n = self._batch_size(int(step), batch, True)
+      return self._run(self._grad, int(step), params, stats, tag, batch_size=n)
     finally:
       self.wall_seconds += time.perf_counter() - t0
 
@@ -281,8 +390,10 @@ class HostBackend(Backend):
     t0 = time.perf_counter()
     tag = -1 - int(index)
     try:
-      n = self._begin(tag, batch, False)
-      return self._run(self._eval, tag, params, stats, jnp.int32(tag), batch_size=n)
+      params, stats, tag_array = parallel.put_replicated((params, stats, jnp.int32(tag)),
+                                                         self.mesh)
+      n = self._batch_size(tag, batch, False)
+      return self._run(self._eval, tag, params, stats, tag_array, batch_size=n)
     finally:
       self.wall_seconds += time.perf_counter() - t0
 
@@ -291,9 +402,9 @@ class LocalBackend(HostBackend):
   """``local``: host callbacks into an in-process :class:`TrustedExecutor`."""
 
   def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, *,
-               residual_dtype: Any = None):
+               residual_dtype: Any = None, mesh: Mesh | None = None):
     self.executor = TrustedExecutor(model, plan, key)
-    super().__init__(model, plan, name="local", residual_dtype=residual_dtype)
+    super().__init__(model, plan, name="local", residual_dtype=residual_dtype, mesh=mesh)
 
   def _begin(self, tag, batch, train):
     if batch is None:
@@ -391,6 +502,11 @@ def make_backend(name: str, model: StagedModel, *, key: jax.Array, batch_size: i
 
   ``privacy`` must have its noise multiplier fixed (not a target epsilon):
   calibration needs the run length, which :mod:`asymml_jax.train` knows.
+
+  Common ``options``: ``residual_dtype`` (e.g. ``jnp.bfloat16``: the dtype of
+  the untrusted residual path; the trusted half stays float32) and ``mesh``
+  (a :func:`asymml_jax.parallel.make_mesh` mesh for data parallelism,
+  DESIGN section 10; ``tee_only`` refuses one of several devices).
   """
   if privacy.enabled and privacy.target_epsilon is not None:
     raise ValueError("make_backend needs a fixed noise_multiplier: calibrate the "

@@ -16,8 +16,10 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from asymml_jax import backends as bk
+from asymml_jax import parallel
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.models.base import StagedModel
 from asymml_jax.privacy.config import PrivacyConfig
@@ -89,8 +91,13 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
             seed: int = 0, force: str | None = None,
             backend_options: Mapping[str, Mapping[str, Any]] | None = None,
             prepare: Callable[[str, Mapping[str, Any]], Mapping[str, Any]] | None = None,
-            floor: bool = True, gradient_protection: str = "decompose") -> dict[str, Any]:
+            floor: bool = True, gradient_protection: str = "decompose",
+            mesh: Mesh | None = None) -> dict[str, Any]:
   """Runs one batch through ``dense`` and every listed backend and compares.
+
+  The reference is always ``dense`` on one device (no mesh).  With ``mesh``
+  every listed backend (``dense`` too, when listed) runs data-parallel on it
+  (DESIGN section 10), so the comparison also checks the sharded step.
 
   Args:
     model: the staged model.
@@ -106,49 +113,64 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
     prepare: ``prepare(name, batch) -> options`` for backends whose trusted side
       owns the data (``enclave``, ``tee_only``): it must make that side hold
       exactly ``batch`` (e.g. seal it); such backends get ``batch=None``.
+    mesh: optional :func:`asymml_jax.parallel.make_mesh` mesh for the listed
+      backends; ``batch_size`` must split evenly over it.
 
   Returns:
-    ``{"model", "backends": [...], "max_rel_err_loss", "max_rel_err_grads"}``.
+    ``{"model", "backends": [...], "max_rel_err_loss", "max_rel_err_grads",
+    "num_devices"}``; each backend row also gives ``grad_devices``, the
+    number of devices its gradients were returned on.
   """
   unknown = [n for n in backend_names if n not in bk.available_backends()]
   if unknown:  # before any compilation
     raise ValueError(f"unknown backend {unknown[0]!r}; choices: "
                      f"{', '.join(bk.available_backends())}")
+  parallel.check_batch_size(batch_size, mesh)
+  if mesh is not None and "tee_only" in backend_names and parallel.num_devices(mesh) > 1:
+    raise ValueError("tee_only runs everything in the enclave and cannot use a mesh of "
+                     f"{parallel.num_devices(mesh)} devices; leave it out of the backends")
   privacy = PrivacyConfig(gradient_protection=gradient_protection)
   key = jax.random.key(seed)
   init_key, trusted_key = jax.random.split(key)
   variables = model.init(init_key)
   batch = random_batch(model, batch_size, seed)
   results: dict[str, Any] = {}
-  names = ["dense"] + [n for n in backend_names if n != "dense"]
   options = dict(backend_options or {})
-  for name in names:
+
+  def run(name: str, on_mesh: Mesh | None):
     opts = dict(options.get(name, {}))
     owns_data = name in bk.PROCESS_BACKENDS
     if owns_data:
       if prepare is None:
         raise ValueError(f"backend {name!r} holds its own data: pass prepare=")
       opts.update(prepare(name, batch))
+    if on_mesh is not None:
+      opts["mesh"] = on_mesh
     with bk.make_backend(name, model, key=trusted_key, batch_size=batch_size,
                          decomposition=decomposition, privacy=privacy,
                          force=None if name == "dense" else force, **opts) as backend:
       t0 = time.perf_counter()
       loss, grads, _, _ = backend.grads(variables["params"], variables["batch_stats"],
                                         None if owns_data else batch, 0)
+      devices = min(len(leaf.sharding.device_set) if isinstance(leaf, jax.Array) else 1
+                    for leaf in jax.tree_util.tree_leaves(grads))
       grads = jax.device_get(grads)
-      results[name] = (float(loss), grads, time.perf_counter() - t0,
-                       {s: p.mode for s, p in backend.plan.sites.items()})
-  ref_loss, ref_grads, _, _ = results["dense"]
+      return (float(loss), grads, time.perf_counter() - t0,
+              {s: p.mode for s, p in backend.plan.sites.items()}, devices)
+
+  reference = run("dense", None)  # single-device dense
+  names = list(dict.fromkeys(backend_names))
+  for name in names:
+    results[name] = reference if name == "dense" and mesh is None else run(name, mesh)
+  ref_loss, ref_grads = reference[0], reference[1]
   rows = []
   for name in names:
-    if name == "dense" and "dense" not in backend_names:
-      continue
-    loss, grads, seconds, modes = results[name]
+    loss, grads, seconds, modes, devices = results[name]
     errs = tree_rel_errs(grads, ref_grads)
     worst = max(errs, key=errs.get)
     rows.append({"name": name, "loss": loss, "rel_err_loss": rel_err(loss, ref_loss),
                  "rel_err_grads": errs[worst], "worst_leaf": worst,
-                 "seconds_with_compile": seconds,
+                 "seconds_with_compile": seconds, "grad_devices": devices,
                  "modes": sorted(set(modes.values()))})
   out: dict[str, Any] = {}
   if floor:
@@ -163,6 +185,7 @@ def compare(model: StagedModel, backend_names: Sequence[str], *, batch_size: int
       "input_shape": list(model.input_shape),
       "batch_size": batch_size,
       "gradient_protection": gradient_protection,
+      "num_devices": parallel.num_devices(mesh),
       "backends": rows,
       "max_rel_err_loss": max((r["rel_err_loss"] for r in rows), default=0.0),
       "max_rel_err_grads": max((r["rel_err_grads"] for r in rows), default=0.0),

@@ -245,7 +245,10 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
     residual_dtype = options.pop("residual_dtype", None)
     if residual_dtype is not None:
       options["residual_dtype_name"] = np.dtype(residual_dtype).name
-    bk.HostBackend.__init__(self, model, plan, name="enclave", residual_dtype=residual_dtype)
+    # One enclave serves the host's whole shard set: one callback per stage
+    # for the whole batch, residuals re-sharded over the mesh (DESIGN section 10).
+    bk.HostBackend.__init__(self, model, plan, name="enclave", residual_dtype=residual_dtype,
+                            mesh=options.pop("mesh", None))
     self._sigs: dict[tuple[bool, int], list] = {}
     self._train_of: dict[int, bool] = {}
     self._connect("enclave", model, plan, options)
@@ -262,6 +265,9 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
     meta, _ = self.client.call(Op.BEGIN, tag=tag, meta={"train": train,
                                                        "index": -1 - tag if tag < 0 else 0})
     self._train_of[tag] = (train, int(meta["batch_size"]))
+    # Outside the jitted step: building the signatures runs JAX, which a callback
+    # on a multi-device CPU mesh must not (asymml_jax.parallel, "CPU meshes").
+    self._signatures(train, int(meta["batch_size"]))
     return int(meta["batch_size"])
 
   def _end(self, tag):
@@ -318,6 +324,15 @@ class TeeOnlyBackend(_EnclaveConnection, bk.Backend):
 
   def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, **options):
     del key
+    mesh = options.pop("mesh", None)
+    if mesh is not None and mesh.devices.size > 1:
+      raise ValueError("the tee_only backend runs the whole model in the enclave: there is "
+                       "no accelerator work to split over a mesh of "
+                       f"{mesh.devices.size} devices")
+    if options.get("residual_dtype") is not None:
+      raise ValueError("the tee_only backend releases no residuals: residual_dtype does "
+                       "not apply to it")
+    options.pop("residual_dtype", None)
     self.name, self.model, self.plan = "tee_only", model, plan
     self._variables = jax.eval_shape(model.init, jax.random.key(0))
     self._connect("tee_only", model, plan, options)
