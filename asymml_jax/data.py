@@ -20,6 +20,8 @@ which the batch of a step is a pure function of ``(seed, step)``, so a run
 resumed at ``start_step`` sees exactly the batches of an uninterrupted run.
 :func:`eval_batches` visits every example once, padding the last batch (with
 ``mask`` 0) so the consumer never sees a smaller batch shape.
+:func:`shard_dataset` takes shard ``i`` of ``n`` of both splits (one per host
+of a multi-host run, DESIGN section 10).
 """
 
 from __future__ import annotations
@@ -509,6 +511,41 @@ def load_dataset(name: str, path: str | None = None, **kwargs: Any) -> Dataset:
   if key in ("cifar10", "cifar100"):
     return load_cifar(path, num_classes=10 if key == "cifar10" else 100, **kwargs)
   return load_image_folder(path, **kwargs)
+
+
+def shard_indices(num_examples: int, index: int, count: int) -> np.ndarray:
+  """Indices of shard ``index`` of ``count``: ``index, index + count, ...`` (DESIGN section 10).
+
+  Shards are disjoint, cover every example once and are deterministic; a
+  strided split keeps each shard's class mix close to the whole's.
+
+  Raises:
+    ValueError: ``count < 1``, ``index`` outside ``[0, count)``, or fewer
+      examples than shards.
+  """
+  if isinstance(count, bool) or int(count) != count or count < 1:
+    raise ValueError(f"shard count must be a positive integer, got {count!r}")
+  if isinstance(index, bool) or int(index) != index or not 0 <= index < count:
+    raise ValueError(f"shard index must be in [0, {count}), got {index!r}")
+  if num_examples < count:
+    raise ValueError(f"cannot split {num_examples} examples into {count} non-empty shards")
+  return np.arange(int(index), int(num_examples), int(count))
+
+
+def shard_dataset(ds: Dataset, index: int, count: int) -> Dataset:
+  """Shard ``index`` of ``count`` of both splits of ``ds`` (see :func:`shard_indices`).
+
+  The images keep the normalisation of the whole data set (computed before
+  sharding), so every shard feeds the same network the same way.  ``count
+  == 1`` returns ``ds`` itself.
+  """
+  if count == 1 and index == 0:
+    return ds
+  tr = shard_indices(len(ds.train_labels), index, count)
+  te = shard_indices(len(ds.test_labels), index, count)
+  return Dataset(name=ds.name, train_images=ds.train_images[tr],
+                 train_labels=ds.train_labels[tr], test_images=ds.test_images[te],
+                 test_labels=ds.test_labels[te], num_classes=ds.num_classes)
 
 
 # ----------------------------------------------------------------------------

@@ -12,6 +12,16 @@ Randomness: one seed, split once into an init key and the trusted key; the
 data order is a pure function of ``(seed, step)`` and each step's trusted key
 is ``fold_in(trusted_key, step)``, so a resumed run repeats the exact batches
 and decompositions of an uninterrupted one.
+
+Several processes (DESIGN section 10; ``group`` from
+:func:`asymml_jax.distributed.initialize`): each trains on its own data shard
+(its own enclave's sealed shard, or shard ``i`` of ``n`` of the data set for
+the in-process backends) with ``batch_size`` the *global* batch; gradients,
+batch statistics and metrics are averaged across processes by XLA every step,
+so all apply the same update; the privacy accounting uses the global sampling
+rate; process 0 alone writes checkpoints and ``summary.json`` and, on a
+restart, broadcasts the restored state; a failure anywhere stops every
+process (:mod:`asymml_jax.distributed`).
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ import orbax.checkpoint as ocp
 
 from asymml_jax import backends as bk
 from asymml_jax import data as data_lib
+from asymml_jax import distributed as dist
+from asymml_jax import parallel
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.layers import NORMS
 from asymml_jax.models import MODELS, get_model
@@ -40,6 +52,7 @@ from asymml_jax.privacy import accounting
 from asymml_jax.privacy.config import PrivacyConfig
 
 OPTIMIZERS = ("adam", "sgd")
+RESIDUAL_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,6 +89,13 @@ class TrainConfig:
   # Options for the process backends (enclave, tee_only): sealed_path, key_path,
   # mode, threads, arena_mb, ... (see enclave_bridge).
   bridge: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # Scale (DESIGN section 10): data parallelism over this many of the host's
+  # untrusted devices (batch split, weights replicated); the platform of the
+  # untrusted program ("" = JAX's default); the dtype of the untrusted
+  # residual path (the trusted half stays float32).
+  num_devices: int = 1
+  untrusted_device: str = ""
+  residual_dtype: str = "float32"
 
   def __post_init__(self):
     def need(cond: bool, msg: str):
@@ -98,6 +118,22 @@ class TrainConfig:
     need(not (self.privacy.enabled and self.backend == "dense"),
          "privacy.enabled with backend='dense': the dense backend runs everything on "
          "the untrusted device, so nothing would be protected; use inline, local or enclave")
+    need(self.residual_dtype in RESIDUAL_DTYPES,
+         f"residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {self.residual_dtype!r}")
+    need(self.untrusted_device in ("",) + bk.UNTRUSTED_DEVICES,
+         f"untrusted_device must be one of {bk.UNTRUSTED_DEVICES} (or '' for JAX's default), "
+         f"got {self.untrusted_device!r}")
+    need(isinstance(self.num_devices, int) and self.num_devices >= 1,
+         f"num_devices must be an integer >= 1, got {self.num_devices!r}")
+    if self.backend == "tee_only":
+      need(self.num_devices == 1, "num_devices > 1 with backend='tee_only': it runs "
+           "everything in the enclave, there is no accelerator work to split")
+      need(self.residual_dtype == "float32", "residual_dtype='bfloat16' with "
+           "backend='tee_only': it releases no residuals")
+    for name in ("batch_size", "eval_batch_size"):
+      need(getattr(self, name) % self.num_devices == 0,
+           f"{name} {getattr(self, name)} must be a multiple of num_devices "
+           f"{self.num_devices} (every device gets the same number of rows)")
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> "TrainConfig":
@@ -161,11 +197,13 @@ def make_update_fn(tx: optax.GradientTransformation) -> Callable:
 
 def evaluate(backend: bk.Backend, state: TrainState, images: np.ndarray | None,
              labels: np.ndarray | None, batch_size: int,
-             num_examples: int | None = None) -> dict[str, float]:
+             num_examples: int | None = None,
+             group: dist.Group = dist.LOCAL) -> dict[str, float]:
   """Accuracy and mean loss over a split (padded batches, masked).
 
   With ``images=None`` the backend's trusted side owns the data and builds eval
-  batch ``i`` itself; ``num_examples`` then says how many there are.
+  batch ``i`` itself; ``num_examples`` then says how many there are.  With
+  several processes each evaluates its own shard and the totals are summed.
   """
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
   if images is None:
@@ -176,9 +214,13 @@ def evaluate(backend: bk.Backend, state: TrainState, images: np.ndarray | None,
     m = backend.evaluate(state.params, state.batch_stats, batch, i)
     for k in totals:
       totals[k] += float(m[k])
+  if group.multi:
+    _, summed = group.all_reduce(total={k: np.float32(v) for k, v in totals.items()},
+                                 label="evaluation")
+    totals = {k: float(v) for k, v in summed.items()}
   n = max(totals["count"], 1.0)
   return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n,
-          "count": int(totals["count"])}
+          "count": int(round(totals["count"]))}
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -220,6 +262,8 @@ class DpRun:
     releases_per_step: ``L`` (:meth:`asymml_jax.plan.Plan.releases_per_step`).
     target_epsilon: the configured target, if any.
     truncated_steps: Poisson draws larger than ``batch_rows`` (truncated).
+    split: how the global batch splits over the processes (one process: all
+      of it); ``sampling_rate`` is the global ``B / N``.
   """
 
   privacy: PrivacyConfig
@@ -229,16 +273,29 @@ class DpRun:
   releases_per_step: int
   target_epsilon: float | None = None
   truncated_steps: int = 0
+  split: dist.GlobalBatch | None = None
 
   @classmethod
-  def make(cls, cfg: TrainConfig, model, num_train: int, total_steps: int) -> "DpRun":
+  def make(cls, cfg: TrainConfig, model, num_train: int, total_steps: int, *,
+           split: dist.GlobalBatch | None = None) -> "DpRun":
+    """Sampling and calibrated noise of a run.
+
+    Args:
+      num_train: ``N``, the training examples of all processes together.
+      split: the processes' data shards (DESIGN section 10); by default one
+        process holds all ``N``.  This process's batch is its share of the
+        global ``cfg.batch_size`` (Poisson: rate ``q = B / N`` on its shard).
+    """
+    split = split or dist.GlobalBatch(batch_size=cfg.batch_size, shard_sizes=(num_train,))
+    if split.num_train != num_train:
+      raise ValueError(f"the shards hold {split.num_train} examples, not {num_train}")
     pc = cfg.privacy
     pc.validate_for(norm=cfg.norm, scope=cfg.decomposition.scope, num_examples=num_train)
     poisson = pc.batch_sampling == "poisson"
-    rows = (data_lib.poisson_max_batch(cfg.batch_size, num_train) if poisson
-            else cfg.batch_size)
-    expected = float(cfg.batch_size) if poisson else None
-    q = cfg.batch_size / num_train
+    expected = split.local_expected_batch_size if poisson else None
+    rows = (data_lib.poisson_max_batch(expected, split.local_num_train) if poisson
+            else split.local_batch_size)
+    q = split.sampling_rate
     plan = bk.make_plan_for(cfg.backend, model, rows, cfg.decomposition,
                             privacy=dataclasses.replace(pc, enabled=False),
                             expected_batch_size=expected)
@@ -250,7 +307,8 @@ class DpRun:
           steps=total_steps, releases_per_step=releases) if releases else 0.0)
       pc = pc.with_noise_multiplier(sigma)
     return cls(privacy=pc, batch_rows=rows, expected_batch_size=expected, sampling_rate=q,
-               releases_per_step=releases, target_epsilon=cfg.privacy.target_epsilon)
+               releases_per_step=releases, target_epsilon=cfg.privacy.target_epsilon,
+               split=split)
 
   def epsilon(self, steps: int) -> float:
     """Epsilon after ``steps`` steps (PLD accountant); ``inf`` with DP off."""
@@ -282,7 +340,13 @@ class DpRun:
 
   def summary(self, steps: int) -> dict[str, Any]:
     pc = self.privacy
-    return {"enabled": pc.enabled, "epsilon": self.epsilon(steps), "delta": pc.delta,
+    out = {}
+    if self.split is not None and self.split.num_processes > 1:
+      out = {"num_processes": self.split.num_processes,
+             "global_batch_size": self.split.batch_size, "num_train": self.split.num_train,
+             "sampling_rate_basis": "global: expected global batch / examples of all "
+                                    f"{self.split.num_processes} processes' shards"}
+    return {**out, "enabled": pc.enabled, "epsilon": self.epsilon(steps), "delta": pc.delta,
             "noise_multiplier": pc.noise_multiplier, "clip": pc.clip,
             "grad_clip": pc.grad_clip, "target_epsilon": self.target_epsilon,
             "sampling": pc.batch_sampling, "sampling_rate": self.sampling_rate,
@@ -293,49 +357,157 @@ class DpRun:
                       "backward); not the trusted weight-gradient aggregate"}
 
 
+def _scale_options(cfg: TrainConfig, batch_rows: int, multi_process: bool = False
+                   ) -> dict[str, Any]:
+  """Backend options for ``num_devices``, ``untrusted_device``, ``residual_dtype`` (section 10).
+
+  A mesh (:func:`asymml_jax.parallel.make_mesh`) when several devices or an
+  explicit platform are asked for; nothing for the defaults, so a default run
+  is unchanged.
+
+  Raises:
+    ValueError: the platform is absent, more devices are asked for than the
+      host has, or the (padded) batch does not split evenly over them.
+  """
+  out: dict[str, Any] = {}
+  if cfg.residual_dtype != "float32":
+    out["residual_dtype"] = RESIDUAL_DTYPES[cfg.residual_dtype]
+  if cfg.num_devices > 1 or cfg.untrusted_device:
+    if multi_process and cfg.num_devices > 1:
+      raise ValueError("config: num_devices > 1 together with several processes is not "
+                       "supported yet; use one device per process")
+    mesh = parallel.make_mesh(cfg.num_devices, platform=cfg.untrusted_device or None)
+    parallel.check_batch_size(batch_rows, mesh, "batch")
+    out["mesh"] = mesh
+  return out
+
+
 def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
+class _Checkpoints:
+  """Orbax checkpoints in ``directory``; with several processes, process 0's alone.
+
+  Process 0 saves host (numpy) copies of the state, identical on every
+  process, and on a restart restores and broadcasts it (DESIGN section 10).
+  """
+
+  def __init__(self, directory: str, group: dist.Group):
+    self.group, self._mngr = group, None
+    if not group.multi:
+      self._mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+          max_to_keep=2, create=True))
+    elif group.is_primary:
+      os.makedirs(directory, exist_ok=True)  # orbax refuses create=True here
+      self._mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+          max_to_keep=2, create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
+              primary_host=group.process_id, active_processes={group.process_id})))
+
+  def latest_step(self) -> int | None:
+    """This process's view (``None`` on the processes that hold no checkpoints)."""
+    return None if self._mngr is None else self._mngr.latest_step()
+
+  def resume_step(self) -> int | None:
+    """Process 0's latest step, on every process."""
+    step = self.latest_step()
+    if self.group.multi:
+      step = int(self.group.broadcast(np.int32(-1 if step is None else step),
+                                      label="resume step"))
+      step = None if step < 0 else step
+    return step
+
+  def restore(self, step: int, state: TrainState) -> TrainState:
+    if not self.group.multi:
+      return self._mngr.restore(step, args=ocp.args.StandardRestore(state))
+    host = jax.device_get(state)
+    if self._mngr is not None:
+      host = self._mngr.restore(step, args=ocp.args.StandardRestore(host))
+    return self.group.broadcast(host, label="restored state")
+
+  def save(self, step: int, state: TrainState) -> None:
+    if self._mngr is not None:
+      state = jax.device_get(state) if self.group.multi else state
+      self._mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def wait_until_finished(self) -> None:
+    if self._mngr is not None:
+      self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    if self._mngr is not None:
+      self._mngr.close()
+
+
 def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
                        backend_options: Mapping[str, Any] | None = None,
-                       log: Callable[[str], None] = _log) -> dict[str, Any]:
+                       log: Callable[[str], None] = _log,
+                       group: dist.Group = dist.LOCAL) -> dict[str, Any]:
   """Trains, checkpoints, evaluates and writes ``workdir/summary.json``.
 
   Args:
     config: a ``TrainConfig`` or an ``ml_collections`` config with its fields.
-    workdir: output directory (checkpoints under ``workdir/checkpoints``).
+    workdir: output directory (checkpoints under ``workdir/checkpoints``),
+      shared by all processes of a multi-host run.
     backend_options: extra keyword arguments for the backend factory.
     log: where progress lines go.
+    group: the processes of a multi-host run (DESIGN section 10; see the
+      module docstring); ``{process_id}`` and ``{num_processes}`` in the
+      bridge paths are filled in per process.  A failure in this process is
+      reported to the others, which stop with :class:`~asymml_jax.distributed.PeerFailed`.
 
   Returns:
-    The summary dict that was written.
+    The summary dict (written by process 0 only).
   """
+  with group.guard():
+    return _train_and_evaluate(config, workdir, backend_options, log, group)
+
+
+def _train_and_evaluate(config, workdir, backend_options, log, group) -> dict[str, Any]:
   cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_config(config)
   options = dict(backend_options or {})
-  info = bk.backend_data_info(cfg.backend, cfg.bridge)
+  bridge = dist.format_process_paths(cfg.bridge, group)
+  info = bk.backend_data_info(cfg.backend, bridge)
   if info is None:  # the data set is loaded here (dense, inline, local)
     ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir or None)
+    if group.multi:
+      ds = data_lib.shard_dataset(ds, group.process_id, group.num_processes)
     info = {"name": ds.name, "image_shape": ds.image_shape, "num_classes": ds.num_classes,
             "num_train": len(ds.train_labels), "num_test": len(ds.test_labels)}
   else:  # the trusted side owns the data; only its public description is here
     ds = None
-    options = {**dict(cfg.bridge), "seed": cfg.seed, "eval_batch_size": cfg.eval_batch_size,
+    options = {**bridge, "seed": group.process_seed(cfg.seed),
+               "eval_batch_size": cfg.eval_batch_size,
                "augment_flip": cfg.augment_flip, "augment_crop": cfg.augment_crop,
                **options}
+    shard = info.get("shard")
+    if group.multi and shard is not None and tuple(shard) != (group.process_id,
+                                                              group.num_processes):
+      raise ValueError(f"process {group.process_id} of {group.num_processes} was given "
+                       f"shard {shard[0]}/{shard[1]} ({bridge.get('sealed_path')}); it needs "
+                       f"shard {group.process_id}/{group.num_processes}")
   model = get_model(cfg.model, num_classes=int(info["num_classes"]),
                     input_shape=tuple(info["image_shape"]), width=cfg.width, norm=cfg.norm)
-  n_train = int(info["num_train"])
-  if cfg.batch_size > n_train:
-    raise ValueError(f"config: batch_size {cfg.batch_size} exceeds the {n_train} training examples")
-  steps_per_epoch = n_train // cfg.batch_size
+  if group.multi:
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "bridge"}
+    group.assert_same("the training config", json.dumps(settings, sort_keys=True,
+                                                        default=_json_default).encode())
+  shard_sizes = group.all_gather(np.int32(info["num_train"]), label="shard sizes")
+  split = dist.GlobalBatch(batch_size=cfg.batch_size, process_id=group.process_id,
+                           shard_sizes=tuple(int(n) for n in shard_sizes))
+  n_train = split.num_train
+  steps_per_epoch = split.steps_per_epoch
   total_steps = max(1, int(math.ceil(cfg.num_epochs * steps_per_epoch)))
   if cfg.max_steps:
     total_steps = min(total_steps, cfg.max_steps)
 
-  dp = DpRun.make(cfg, model, n_train, total_steps)
+  dp = DpRun.make(cfg, model, n_train, total_steps, split=split)
   root = jax.random.key(cfg.seed)
   init_key, trusted_key = jax.random.split(root)
+  if group.multi:  # every process's trusted side draws its own noise and subspaces
+    trusted_key = jax.random.fold_in(trusted_key, group.process_id)
+  data_seed = group.process_seed(cfg.seed)
+  options.update(_scale_options(cfg, dp.batch_rows, group.multi))
   backend = bk.make_backend(cfg.backend, model, key=trusted_key, batch_size=dp.batch_rows,
                             decomposition=cfg.decomposition, privacy=dp.privacy,
                             expected_batch_size=dp.expected_batch_size, **options)
@@ -345,19 +517,25 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
 
   os.makedirs(workdir, exist_ok=True)
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=2, create=True))
-  start = 0
-  if mngr.latest_step() is not None:
-    start = int(mngr.latest_step())
-    state = mngr.restore(start, args=ocp.args.StandardRestore(state))
+  mngr = _Checkpoints(ckpt_dir, group)
+  start = mngr.resume_step()
+  if start is not None:
+    state = mngr.restore(start, state)
     log(f"resumed from checkpoint at step {start}")
+  else:
+    start = 0
+    state = group.broadcast(state, label="initial state")  # identical on every process
 
   log(backend.plan.table() if cfg.backend != "dense" else
       f"plan: dense backend (everything on the untrusted device)")
   log(f"training {cfg.model} on {info['name']} ({n_train} examples) with backend "
       f"{cfg.backend}: {total_steps} steps of batch {cfg.batch_size}"
       + (f" (Poisson, padded to {dp.batch_rows})" if dp.expected_batch_size else ""))
+  if group.multi:
+    log(f"{group.describe()}: {split.local_num_train} of {n_train} training examples; "
+        f"global batch {cfg.batch_size}, here "
+        + (f"Poisson at q {split.sampling_rate:.4g}" if dp.expected_batch_size
+           else f"{dp.batch_rows} per step"))
   if dp.privacy.enabled:
     log(dp.describe(total_steps))
 
@@ -368,20 +546,23 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
   try:
     with backend:
       if ds is not None and dp.expected_batch_size:
-        batches = dp.poisson_batches(ds, cfg.seed, start)
+        batches = dp.poisson_batches(ds, data_seed, start)
       elif ds is not None:
-        batches = data_lib.train_batches(ds.train_images, ds.train_labels, cfg.batch_size,
-                                         seed=cfg.seed, start_step=start)
+        batches = data_lib.train_batches(ds.train_images, ds.train_labels, dp.batch_rows,
+                                         seed=data_seed, start_step=start)
       else:  # the enclave samples step `s`'s batch itself
         batches = ((s, None) for s in range(start, total_steps))
       for step, batch in batches:
         if step >= total_steps:
           break
         if batch is not None and (cfg.augment_flip or cfg.augment_crop):
-          batch = data_lib.augment(batch, np.random.default_rng([cfg.seed, 2, step]),
+          batch = data_lib.augment(batch, np.random.default_rng([data_seed, 2, step]),
                                    flip=cfg.augment_flip, crop_pad=cfg.augment_crop)
         loss, grads, new_stats, metrics = backend.grads(
             state.params, state.batch_stats, batch, step)
+        if group.multi:  # one XLA all-reduce: the same update on every process
+          (loss, grads, new_stats), metrics = group.all_reduce(
+              (loss, grads, new_stats), metrics, label=f"step {step}")
         state = update(state, grads, new_stats)
         completed = step + 1
         window.append((float(loss), float(metrics["correct"]), float(metrics["count"])))
@@ -398,17 +579,21 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
               f"{n_window / max(dt, 1e-9):.1f} examples/s")
           t_window, n_window, window = time.perf_counter(), 0, []
         if done % cfg.checkpoint_every == 0 or done == total_steps:
-          mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+          mngr.save(done, state)
       train_seconds = time.perf_counter() - t_start
       ev = evaluate(backend, state, None if ds is None else ds.test_images,
                     None if ds is None else ds.test_labels, cfg.eval_batch_size,
-                    num_examples=int(info["num_test"]))
+                    num_examples=int(info["num_test"]), group=group)
       extra = getattr(backend, "summary_extras", None)
       extras = extra() if callable(extra) else {}
-  except KeyboardInterrupt:
-    if completed > start and mngr.latest_step() != completed:
-      print(f"interrupted: saving a checkpoint at step {completed}", flush=True)
-      mngr.save(completed, args=ocp.args.StandardSave(state), force=True)
+      multihost = (_multihost_summary(group, split, state, extras, dp, log) if group.multi
+                   else None)
+  except (KeyboardInterrupt, dist.PeerFailed) as e:
+    # Every process holds the same state after `completed` steps: keep it.
+    if group.is_primary and completed > start and mngr.latest_step() != completed:
+      print(f"{'interrupted' if isinstance(e, KeyboardInterrupt) else 'stopping'}: saving a "
+            f"checkpoint at step {completed}", flush=True)
+      mngr.save(completed, state)
     mngr.wait_until_finished()
     raise
   finally:
@@ -436,11 +621,34 @@ def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
   if "poisson_truncated_steps" in extras:
     summary["privacy"]["poisson_truncated_steps"] = extras.pop("poisson_truncated_steps")
     summary.pop("poisson_truncated_steps", None)
-  write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  if multihost is not None:
+    summary["distributed"] = multihost
+    summary["privacy"]["poisson_truncated_steps"] = sum(multihost["poisson_truncated_steps"])
+  if group.is_primary:
+    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   log(f"test_accuracy {ev['accuracy']:.4f} on {ev['count']} held-out examples "
       f"({cfg.backend}, {summary['wall_seconds']:.1f} s), epsilon {summary['epsilon']:.4g}"
       + (f" at delta {dp.privacy.delta:g}" if dp.privacy.enabled else ""))
   return summary
+
+
+def _multihost_summary(group: dist.Group, split: dist.GlobalBatch, state: TrainState,
+                       extras: Mapping[str, Any], dp: DpRun,
+                       log: Callable[[str], None]) -> dict:
+  """What a multi-process run adds to the summary (collective: every process calls it)."""
+  digest = dist.tree_digest(state.params)
+  log(f"process {group.process_id}: final params sha256 {digest}")
+  rows = group.all_gather(np.frombuffer(bytes.fromhex(digest), np.uint8), label="params digest")
+  digests = [bytes(r.astype(np.uint8)).hex() for r in rows]
+  pid = int((extras.get("enclave") or {}).get("pid") or -1)
+  pids = [int(p) for p in group.all_gather(np.int32(pid), label="enclave pids")]
+  truncated = int(extras.get("poisson_truncated_steps", dp.truncated_steps))
+  truncated = [int(t) for t in group.all_gather(np.int32(truncated), label="truncations")]
+  return {**split.summary(), "process_id": group.process_id,
+          "poisson_truncated_steps": truncated,
+          "params_sha256": digests, "params_identical": len(set(digests)) == 1,
+          "enclave_pids": [p for p in pids if p > 0],
+          "test_split": "each process evaluates its own shard; totals summed"}
 
 
 def _inference_privacy(cfg: TrainConfig, workdir: str) -> PrivacyConfig:
@@ -508,6 +716,7 @@ def evaluate_checkpoint(config: Mapping[str, Any] | TrainConfig, workdir: str, *
   n_test = int(info["num_test"])
   latencies: list[float] = []
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  options.update(_scale_options(cfg, cfg.eval_batch_size))
   with bk.make_backend(cfg.backend, model, key=trusted_key, batch_size=cfg.eval_batch_size,
                        decomposition=cfg.decomposition, privacy=privacy,
                        **options) as backend:

@@ -12,7 +12,10 @@ from asymml_jax import backends as _backends
 
 
 def sealed_data_info(options: Mapping[str, Any]) -> dict:
-  """Public description of the sealed data set named by ``options['sealed_path']``."""
+  """Public description of the sealed data set named by ``options['sealed_path']``.
+
+  Includes ``shard: (i, n)`` for a container sealed with ``--shard=i/n``.
+  """
   from enclave_bridge import seal
   path = options.get("sealed_path")
   if not path:
@@ -20,10 +23,13 @@ def sealed_data_info(options: Mapping[str, Any]) -> dict:
                      "sealed with `python -m enclave_bridge.seal`)")
   header = seal.read_header(str(path))
   arrays = {a["name"]: a for a in header["arrays"]}
-  return {"name": header["name"], "num_classes": int(header["num_classes"]),
+  info = {"name": header["name"], "num_classes": int(header["num_classes"]),
           "image_shape": tuple(arrays["train_images"]["shape"][1:]),
           "num_train": int(arrays["train_labels"]["shape"][0]),
           "num_test": int(arrays["test_labels"]["shape"][0])}
+  if "shard" in header:  # shard i of n of a data set (one host of a multi-host run)
+    info["shard"] = (int(header["shard"]["index"]), int(header["shard"]["count"]))
+  return info
 
 
 def seal_arrays(directory: str, images, labels, num_classes: int,

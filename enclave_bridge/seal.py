@@ -8,9 +8,12 @@ opens it with :func:`unseal_dataset`.
 Command line::
 
   python -m enclave_bridge.seal --dataset=mnist5k [--data_dir=DIR] \
-      --out=FILE --key=KEYFILE [--new_key]
+      --out=FILE --key=KEYFILE [--new_key] [--shard=i/n]
 
-``--new_key`` creates ``KEYFILE`` (32 random bytes, mode 0600) when it does
+``--shard=i/n`` seals only shard ``i`` of ``n`` of both splits (every
+``n``-th example from the ``i``-th on, :func:`asymml_jax.data.shard_dataset`):
+the data of host ``i`` of a multi-host run (DESIGN section 10), recorded in
+the header as ``"shard": {"count": n, "index": i}``.  ``--new_key`` creates ``KEYFILE`` (32 random bytes, mode 0600) when it does
 not exist; without it the key file must already exist.  An existing key file
 is never replaced.  The public header of the new container is printed as JSON.
 
@@ -36,6 +39,8 @@ strongly as the payload.  The header holds only metadata::
    "cipher": "AES-256-GCM", "created": "2024-01-31T12:00:00Z",
    "format": "ASYMSEAL", "format_version": 1, "name": "mnist5k",
    "num_classes": 10, "payload_bytes": P}
+
+plus, for a shard of a data set, ``"shard": {"count": n, "index": i}``.
 
 The payload is the raw little-endian bytes of the four arrays (C order),
 concatenated in exactly the order of ``arrays``; ``P`` is the sum of their
@@ -102,7 +107,7 @@ from absl import flags
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from asymml_jax.data import DATASET_NAMES, Dataset, load_dataset
+from asymml_jax.data import DATASET_NAMES, Dataset, load_dataset, shard_dataset
 
 MAGIC = b"ASYMSEAL"
 FORMAT_VERSION = 1
@@ -337,6 +342,13 @@ def _parse_header(header_bytes: bytes, path: str) -> dict[str, Any]:
         or not all(_is_int(d) and 0 <= d <= MAX_PAYLOAD_BYTES for d in shape)):
       raise bad(f"{name}: shape must be {ndim} non-negative integers, got {shape!r:.80}")
     total += int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+  if "shard" in header:
+    shard = header["shard"]
+    if (not isinstance(shard, dict) or set(shard) != {"count", "index"}
+        or not all(_is_int(shard[k]) for k in ("count", "index"))
+        or not 0 <= shard["index"] < shard["count"]):
+      raise bad(f"'shard' must be {{'count': n, 'index': i}} with 0 <= i < n, "
+                f"got {shard!r:.80}")
   payload_bytes = header.get("payload_bytes")
   if not _is_int(payload_bytes) or payload_bytes != total:
     raise bad(f"'payload_bytes' is {payload_bytes!r} but the arrays need {total} bytes")
@@ -398,7 +410,8 @@ def _dataset_arrays(ds: Dataset) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------
 
 
-def seal_dataset(ds: Dataset, out_path: str, key_path: str) -> dict:
+def seal_dataset(ds: Dataset, out_path: str, key_path: str, *,
+                 shard: tuple[int, int] | None = None) -> dict:
   """Encrypts a data set into a sealed container (format in the module docstring).
 
   Args:
@@ -407,6 +420,8 @@ def seal_dataset(ds: Dataset, out_path: str, key_path: str) -> dict:
     out_path: the container to write (atomically; an existing file is
       replaced).
     key_path: a key file from :func:`generate_key_file`.
+    shard: ``(i, n)`` when ``ds`` is shard ``i`` of ``n`` of a data set
+      (recorded in the header; :func:`seal_shard` makes and seals one).
 
   Returns:
     The public header (what :func:`read_header` returns for the new file).
@@ -421,6 +436,10 @@ def seal_dataset(ds: Dataset, out_path: str, key_path: str) -> dict:
   key = read_key_file(key_path)
   if os.path.realpath(out_path) == os.path.realpath(key_path):
     raise ValueError(f"refusing to write the container over its own key file {key_path}")
+  if shard is not None:
+    i, n = (int(v) for v in shard)
+    if not 0 <= i < n:
+      raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
   arrays = _dataset_arrays(ds)
   sizes = [a.nbytes for a in arrays.values()]
   total = sum(sizes)
@@ -438,6 +457,8 @@ def seal_dataset(ds: Dataset, out_path: str, key_path: str) -> dict:
       "num_classes": int(ds.num_classes),
       "payload_bytes": total,
   }
+  if shard is not None:
+    header["shard"] = {"count": n, "index": i}
   header_bytes = _canonical_json(header)
   if len(header_bytes) > MAX_HEADER_BYTES:
     raise ValueError(f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES} "
@@ -457,6 +478,19 @@ def seal_dataset(ds: Dataset, out_path: str, key_path: str) -> dict:
 
   _atomic_write(out_path, [aad, nonce, sealed], mode=0o600, overwrite=True)
   return _parse_header(header_bytes, out_path)
+
+
+def seal_shard(ds: Dataset, index: int, count: int, out_path: str, key_path: str) -> dict:
+  """Seals shard ``index`` of ``count`` of ``ds`` (DESIGN section 10).
+
+  The shard is :func:`asymml_jax.data.shard_dataset` of both splits: the
+  data one host's enclave trains on (and evaluates) in a multi-host run.
+
+  Returns:
+    The public header (with ``"shard": {"count": count, "index": index}``).
+  """
+  return seal_dataset(shard_dataset(ds, index, count), out_path, key_path,
+                      shard=(index, count))
 
 
 # ----------------------------------------------------------------------------
@@ -626,8 +660,9 @@ _USAGE = """Seals a data set into an AES-256-GCM container for the enclave.
 Usage:
 
   python -m enclave_bridge.seal --dataset=mnist5k [--data_dir=DIR] \\
-      --out=FILE --key=KEYFILE [--new_key]
+      --out=FILE --key=KEYFILE [--new_key] [--shard=i/n]
 
+--shard=i/n seals shard i of n (one host of a multi-host run).
 The container format and threat model are documented in enclave_bridge/seal.py.
 """
 
@@ -650,6 +685,9 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_boolean("new_key", False,
                        "Create --key with a fresh random key; refused if it already exists.",
                        flag_values=flag_values)
+  flags.DEFINE_string("shard", None,
+                      "i/n: seal only shard i of n (every n-th example from the i-th; "
+                      "the data of host i of a multi-host run).", flag_values=flag_values)
   flags.mark_flags_as_required(["dataset", "out", "key"], flag_values=flag_values)
 
 
@@ -664,6 +702,13 @@ def main(argv: Sequence[str]) -> None:
   values = flags.FLAGS
   name, data_dir = values.dataset, values.data_dir or None
   out, key, new_key = values.out, values.key, values.new_key
+  shard = None
+  if values.shard:
+    from asymml_jax.distributed import parse_shard
+    try:
+      shard = parse_shard(values.shard)
+    except ValueError as e:
+      raise app.UsageError(f"--shard: {e}") from None
 
   if os.path.lexists(key):
     if new_key:
@@ -691,13 +736,15 @@ def main(argv: Sequence[str]) -> None:
                          "(nothing is downloaded)")
   try:
     ds = load_dataset(name, data_dir)
+    if shard is not None:
+      ds = shard_dataset(ds, *shard)
   except (ValueError, OSError) as e:
     raise app.UsageError(_one_line(e)) from None
   try:
     if new_key:
       generate_key_file(key)
     try:
-      header = seal_dataset(ds, out, key)
+      header = seal_dataset(ds, out, key, shard=shard)
     except BaseException:
       if new_key:  # Do not leave behind a key that sealed nothing.
         os.remove(key)

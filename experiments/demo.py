@@ -1,6 +1,7 @@
 """`make demo`: seal MNIST-5k, start the enclave, train through it, report.
 
   python -m experiments.demo [--workdir=runs/demo] [--backend=enclave]
+  python -m experiments.demo --num_processes=2   # several "hosts" on this machine
 
 1. Seals the 5,000 embedded MNIST digits into ``WORKDIR/mnist5k.sealed`` with a
    new key ``WORKDIR/key.bin`` (once; later runs reuse them).
@@ -9,9 +10,18 @@
    stage; this process only sees residuals and public weights.
 3. Prints test accuracy, epsilon, the time breakdown and the ledger summary,
    and checks that the enclave process is gone.
+
+With ``--num_processes=N`` (N > 1) it runs the same training as N processes
+joined by ``jax.distributed`` (``experiments/multihost.py``, DESIGN section
+10): each seals and serves its own shard of MNIST-5k in its own enclave,
+under ``WORKDIR/multihost``; the report then adds the global sampling rate and
+checks that every enclave is gone.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 from absl import app, flags, logging
 
@@ -26,6 +36,9 @@ _BACKEND = flags.DEFINE_enum("backend", "enclave", ["enclave", "tee_only", "loca
 _EPOCHS = flags.DEFINE_float("num_epochs", None, "Override the config's epochs.")
 _CONFIG = flags.DEFINE_enum("config", "mnist", ["mnist", "mnist_dp"],
                             "mnist (no noise) or mnist_dp (epsilon 8, delta 1e-5).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 1, "Processes (simulated hosts, each with its own enclave and data "
+    "shard) joined by jax.distributed; 1: the single-process demo.")
 
 
 def ensure_sealed(workdir: str) -> tuple[str, str]:
@@ -42,19 +55,43 @@ def ensure_sealed(workdir: str) -> tuple[str, str]:
   return sealed, key
 
 
+def run_multihost(workdir: str, num_processes: int) -> dict:
+  """Trains with ``num_processes`` processes (experiments/multihost.py); returns the summary."""
+  if _BACKEND.value not in ("enclave", "tee_only"):
+    raise app.UsageError("--num_processes > 1 runs one enclave per process: use "
+                         "--backend=enclave or tee_only")
+  run = os.path.join(workdir, "multihost")
+  cmd = [sys.executable, "-m", "experiments.multihost", f"--num_processes={num_processes}",
+         f"--workdir={run}", "--dataset=mnist5k",
+         f"--config=experiments/configs/{_CONFIG.value}.py",
+         f"--config.backend={_BACKEND.value}"]
+  if _EPOCHS.value is not None:
+    cmd.append(f"--config.num_epochs={_EPOCHS.value}")
+  status = subprocess.call(cmd)
+  if status:
+    raise SystemExit(f"the multi-process run failed (status {status}); rerun to resume")
+  with open(os.path.join(run, "train", "summary.json")) as f:
+    return json.load(f)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
-  sealed, key = ensure_sealed(workdir)
-  config = (mnist_dp if _CONFIG.value == "mnist_dp" else mnist).get_config()
-  config.backend = _BACKEND.value
-  if _EPOCHS.value is not None:
-    config.num_epochs = _EPOCHS.value
-  config.bridge.sealed_path, config.bridge.key_path = sealed, key
-  config.bridge.workdir = os.path.join(workdir, "enclave")
-  s = train.train_and_evaluate(config, os.path.join(workdir, "train"))
+  if _NUM_PROCESSES.value > 1:
+    s = run_multihost(workdir, _NUM_PROCESSES.value)
+    summary_path = os.path.join(workdir, "multihost", "train", "summary.json")
+  else:
+    sealed, key = ensure_sealed(workdir)
+    config = (mnist_dp if _CONFIG.value == "mnist_dp" else mnist).get_config()
+    config.backend = _BACKEND.value
+    if _EPOCHS.value is not None:
+      config.num_epochs = _EPOCHS.value
+    config.bridge.sealed_path, config.bridge.key_path = sealed, key
+    config.bridge.workdir = os.path.join(workdir, "enclave")
+    s = train.train_and_evaluate(config, os.path.join(workdir, "train"))
+    summary_path = os.path.join(workdir, "train", "summary.json")
   print(f"\n=== AsymML demo: MNIST-5k, vgg11 (width 0.25), config {_CONFIG.value} ===")
   print(f"test_accuracy  {s['test_accuracy']:.4f}  ({s['test_examples']} held-out digits)")
   priv = s.get("privacy") or {}
@@ -66,6 +103,12 @@ def main(argv):
     print(f"epsilon        inf  (DP off: residuals leave without noise; "
           f"--config=mnist_dp for DP)")
   print(f"backend        {s['backend']}   steps {s['steps']}   wall {s['wall_seconds']:.0f} s")
+  d = s.get("distributed")
+  if d:
+    print(f"processes      {d['num_processes']} (jax.distributed), shards of "
+          f"{', '.join(str(n) for n in d['shard_sizes'])} examples; global batch "
+          f"{d['global_batch_size']}, sampling rate q {d['sampling_rate']:.5f} (global); "
+          f"parameters identical on all: {d['params_identical']}")
   b = s.get("breakdown") or {}
   if b:
     print("\ntime breakdown (training and evaluation, seconds):")
@@ -79,11 +122,12 @@ def main(argv):
     for row in ledger["to_untrusted"] + ledger["to_enclave"]:
       print(f"  {row['class']:<24} {row['direction']:<22} {row['tensors']:>8} "
             f"{row['bytes'] / 1e6:>9.1f}")
-  pid = (s.get("enclave") or {}).get("pid")
-  if pid:
+  pids = (d or {}).get("enclave_pids") or [(s.get("enclave") or {}).get("pid")]
+  for pid in filter(None, pids):
     alive = os.path.exists(f"/proc/{pid}")
-    print(f"\nenclave process {pid}: {'STILL RUNNING' if alive else 'stopped'}")
-  print(f"summary: {os.path.join(workdir, 'train', 'summary.json')}")
+    print(f"{chr(10) if pid == pids[0] else ''}enclave process {pid}: "
+          f"{'STILL RUNNING' if alive else 'stopped'}")
+  print(f"summary: {summary_path}")
 
 
 if __name__ == "__main__":

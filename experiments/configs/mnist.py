@@ -28,6 +28,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 250
   c.augment_flip = False
   c.augment_crop = 2        # random shifts of up to 2 pixels (zero padding)
+  # Scale (DESIGN section 10): data parallelism over this many of the host's
+  # untrusted devices (batch_size and eval_batch_size must divide by it; on a
+  # CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices),
+  # the untrusted device's platform ("" = JAX's default, or cpu | gpu | tpu)
+  # and the dtype of the untrusted residual path (float32 | bfloat16; the
+  # trusted half always computes in float32).
+  c.num_devices = 1
+  c.untrusted_device = ""
+  c.residual_dtype = "float32"
   # verify_untrusted: the enclave checks every result of the accelerator
   # (Freivalds test, asymml_jax.integrity) and stops on a wrong one.
   c.decomposition = ml_collections.ConfigDict(dict(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from asymml_jax import train
@@ -127,3 +129,54 @@ def test_dp_run_reports_epsilon_and_uses_poisson_batches(tmp_path):
 def test_privacy_off_reports_infinite_epsilon():
   cfg = train.TrainConfig(**BASE)
   assert cfg.privacy == PrivacyConfig() and cfg.privacy.batch_sampling == "shuffle"
+
+
+# ------------------------------------------------------------ scale (section 10)
+@pytest.mark.parametrize("change, match", [
+    (dict(residual_dtype="float16"), "residual_dtype must be one of"),
+    (dict(untrusted_device="fpga"), "untrusted_device must be one of"),
+    (dict(num_devices=0), "num_devices must be an integer >= 1"),
+    (dict(num_devices=3), "batch_size 32 must be a multiple of num_devices 3"),
+    (dict(num_devices=2, eval_batch_size=251), "eval_batch_size 251 must be a multiple of "
+                                               "num_devices 2"),
+    (dict(backend="tee_only", num_devices=2), "no accelerator work to split"),
+    (dict(backend="tee_only", residual_dtype="bfloat16"), "releases no residuals"),
+])
+def test_scale_config_refusals(change, match):
+  with pytest.raises(ValueError, match=match):
+    train.TrainConfig(**{**BASE, **change})
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(num_devices=2, eval_batch_size=250), ["2 devices were asked for", "XLA_FLAGS"]),
+    (dict(untrusted_device="tpu"), ["no tpu device is available"]),
+])
+def test_absent_devices_are_refused_before_anything_is_written(tmp_path, change, words):
+  if "num_devices" in change and change["num_devices"] <= len(jax.local_devices()):
+    pytest.skip("this host has enough devices")
+  if change.get("untrusted_device") in {d.platform for d in jax.devices()}:
+    pytest.skip("this host has that device")
+  with pytest.raises(ValueError) as err:
+    train.train_and_evaluate({**BASE, **change}, str(tmp_path / "w"))
+  for w in words:
+    assert w in str(err.value)
+  assert not (tmp_path / "w").exists()
+
+
+def test_scale_options_default_changes_nothing_and_bfloat16_reaches_the_backend():
+  assert train._scale_options(train.TrainConfig(**BASE), 32) == {}
+  opts = train._scale_options(train.TrainConfig(**{**BASE, "residual_dtype": "bfloat16"}), 32)
+  assert opts == {"residual_dtype": jnp.bfloat16}
+  # An explicit platform pins the program to a one-device mesh of it.
+  cpu = train._scale_options(train.TrainConfig(**{**BASE, "untrusted_device": "cpu"}), 32)
+  assert cpu["mesh"].devices.size == 1 and cpu["mesh"].devices.flat[0].platform == "cpu"
+
+
+def test_mnist_config_carries_the_scale_fields():
+  from experiments.configs import mnist
+  c = mnist.get_config()
+  assert (c.num_devices, c.untrusted_device, c.residual_dtype) == (1, "", "float32")
+  c.residual_dtype = "bfloat16"
+  c.num_devices = 2
+  cfg = train.TrainConfig.from_config(c)
+  assert cfg.residual_dtype == "bfloat16" and cfg.num_devices == 2
