@@ -172,3 +172,22 @@ def test_combine_adds_both_halves_and_the_bias():
   # The bias is per output channel (last axis).
   np.testing.assert_allclose(ops.combine(None, jnp.zeros((1, 2, 3, 4)), bias)[0, 1, 2],
                              bias)
+
+
+@pytest.mark.parametrize("spec, h, w", GEOMETRIES + [
+    (_spec(), 2, 2), (_spec(), 1, 1), (_spec(kernel_size=(3, 3), strides=(2, 2)), 2, 3)],
+    ids=IDS + ["3x3-on-2x2", "3x3-on-1x1", "3x3-s2-on-2x3"])
+def test_im2col_conv_is_lax_conv_and_conv_uses_it_for_small_inputs(spec, h, w):
+  x = _normal(0, (2, h, w, spec.in_features))
+  kernel = _normal(1, spec.kernel_size + (spec.in_features, spec.features))
+  ref = jax.lax.conv_general_dilated(x, kernel, spec.strides, spec.padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(ops.im2col_conv(x, kernel, spec.strides, spec.padding), ref,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ops.conv(x, kernel, spec.strides, spec.padding), ref,
+                             rtol=1e-5, atol=1e-5)
+  small = h < spec.kernel_size[0] or w < spec.kernel_size[1]
+  text = jax.jit(ops.conv, static_argnums=(2, 3)).lower(
+      x, kernel, spec.strides, spec.padding).as_text()
+  assert ("dot_general" in text) == small  # im2col only where the kernel exceeds the input
