@@ -23,6 +23,10 @@ def import_experiment(name: str) -> ModuleType:
       return importlib.import_module(name)
     except flags.DuplicateFlagError as e:
       sys.modules.pop(name, None)
-      flag = str(e).split("'")[1]
-      delattr(flags.FLAGS, flag)
+      # The failed attempt's own definitions stay registered: drop them too,
+      # or the retry clashes with itself.
+      own = [f.name for f in flags.FLAGS.flags_by_module_dict().get(name, [])]
+      for flag in {str(e).split("'")[1], *own}:
+        if flag in flags.FLAGS:
+          delattr(flags.FLAGS, flag)
   raise RuntimeError(f"could not import {name}: too many clashing flags")
