@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m experiments.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=12
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -7,7 +7,9 @@ in-memory caches cannot share.  A persistent compilation cache keyed by the
 program's fingerprint can: this process and every enclave subprocess it
 starts (the launcher passes the environment on) read and write one cache
 folder, created fresh for the run and removed at its end, so results never
-depend on an earlier run.  Set ``ASYMML_TEST_XLA_CACHE=off`` to disable it.
+depend on an earlier run.  Under pytest-xdist (``make test`` runs two workers,
+one per core, files kept whole with ``--dist loadfile``) the workers share the
+controller's folder.  Set ``ASYMML_TEST_XLA_CACHE=off`` to disable it.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ def pytest_configure(config):
   global _cache_dir
   if os.environ.get("ASYMML_TEST_XLA_CACHE", "").lower() == "off":
     return
-  _cache_dir = tempfile.mkdtemp(prefix="asymml-test-xla-cache-")
-  os.environ.update(_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=_cache_dir)
-  jax.config.update("jax_compilation_cache_dir", _cache_dir)
+  shared = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if os.environ.get("PYTEST_XDIST_WORKER") and shared:
+    cache = shared  # a pytest-xdist worker: the controller's folder (it removes it)
+  else:
+    cache = _cache_dir = tempfile.mkdtemp(prefix="asymml-test-xla-cache-")
+  os.environ.update(_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=cache)
+  jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
