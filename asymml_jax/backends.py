@@ -457,7 +457,7 @@ UNTRUSTED_DEVICES = ("cpu", "gpu", "tpu")
 
 
 def untrusted_device(kind: str) -> jax.Device:
-  """The first JAX device of platform ``kind`` for the untrusted program.
+  """The first local JAX device of platform ``kind`` for the untrusted program.
 
   The trusted half always runs on the CPU (in the enclave process or, for the
   in-process backends, wherever its own jitted functions are placed).
@@ -470,7 +470,7 @@ def untrusted_device(kind: str) -> jax.Device:
     raise ValueError(f"untrusted device must be one of {', '.join(UNTRUSTED_DEVICES)}, "
                      f"got {kind!r}")
   try:
-    devices = jax.devices(kind)
+    devices = jax.local_devices(backend=kind)  # this host's (under jax.distributed too)
   except RuntimeError:
     devices = []
   if not devices:
