@@ -94,7 +94,6 @@ import dataclasses
 import importlib
 import math
 import os
-import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -109,12 +108,11 @@ from asymml_jax import train as train_lib
 from asymml_jax.evaluation import gradient_attack as ga
 from asymml_jax.evaluation import inversion
 from asymml_jax.models import get_model
+from experiments.attack_configs import DEFAULT_CONFIGS, DP_CONFIG_MODULE, parse_configs, plot_grid
+from experiments.attack_configs import DP as _DP
+from experiments.attack_configs import RANK as _RANK
 
-DEFAULT_CONFIGS = "dense,asymml_r1,asymml_r2,asymml_r4,asymml_dp_eps8"
 DEFAULT_CHANNELS = ",".join(ga.CHANNELS)
-DP_CONFIG_MODULE = "experiments.configs.mnist_dp"
-_RANK = re.compile(r"^asymml_r(\d+)$")
-_DP = re.compile(r"^asymml_dp_eps([0-9]*\.?[0-9]+)$")
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/attack_gradient", "Output folder.")
 _CONFIGS = flags.DEFINE_string(
@@ -192,27 +190,6 @@ class AttackSettings:
       raise ValueError(f"batch size {max(bs)} exceeds num_victim {self.num_victim}")
 
 
-def parse_configs(text: str) -> tuple[str, ...]:
-  """``"dense,asymml_r2,asymml_dp_eps8"`` -> names, each checked; repeats refused."""
-  out: list[str] = []
-  for part in str(text).split(","):
-    part = part.strip().lower()
-    if not part:
-      continue
-    m_rank, m_dp = _RANK.match(part), _DP.match(part)
-    ok = (part == "dense" or (m_rank and int(m_rank.group(1)) >= 1)
-          or (m_dp and float(m_dp.group(1)) > 0))
-    if not ok:
-      raise ValueError(f"--configs: unknown configuration {part!r}; use dense, "
-                       "asymml_r<k> (k >= 1) or asymml_dp_eps<e> (e > 0)")
-    if part in out:
-      raise ValueError(f"--configs: {part!r} is listed twice")
-    out.append(part)
-  if not out:
-    raise ValueError(f"--configs: give at least one configuration (e.g. {DEFAULT_CONFIGS})")
-  return tuple(out)
-
-
 def parse_channels(text: str) -> tuple[str, ...]:
   """``"weight_gradient,both"`` -> channel names, each checked; repeats refused."""
   out: list[str] = []
@@ -287,38 +264,6 @@ def make_exposure(name: str, model, settings: AttackSettings, num_train: int
       "dp_steps": settings.dp_steps, "sampling_rate": dp.sampling_rate,
       "releases_per_step": dp.releases_per_step,
       "expected_batch_size": dp.expected_batch_size}
-
-
-def plot_grid(originals: np.ndarray, rows: Sequence[tuple[str, np.ndarray]], path: str, *,
-              low: float, high: float) -> None:
-  """Originals in the first row, one row of reconstructions per entry of ``rows`` (PNG).
-
-  The layout of ``experiments/attack_inversion.py``'s figure.
-  """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  all_rows = [("original", originals)] + list(rows)
-  n_cols = len(originals)
-  fig, axes = plt.subplots(len(all_rows), n_cols, squeeze=False,
-                           figsize=(1.1 * n_cols + 2.2, 1.15 * len(all_rows)))
-  try:
-    for i, (label, images) in enumerate(all_rows):
-      for j in range(n_cols):
-        ax = axes[i][j]
-        ax.imshow(np.asarray(images[j])[..., 0], cmap="gray", vmin=low, vmax=high)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if j == 0:
-          ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-  finally:
-    plt.close(fig)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -420,7 +365,8 @@ def run_attack(*, configs: Sequence[str], channels: Sequence[str], workdir: str,
         pictures.append((f"{name}\n{res.channel}, B={b}\nSSIM {res.metrics['ssim']:.2f}",
                          shown))
     save()
-    plot_grid(victim[:n_show], pictures, png_path, low=low, high=high)
+    plot_grid(victim[:n_show], pictures, png_path, low=low, high=high,
+              label_width=2.2, label_fontsize=7)
     log(f"[{i + 1}/{len(configs)}] {name} done ({time.perf_counter() - t0:.0f} s)")
   save()
   log(format_table(table["rows"]))

@@ -62,7 +62,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -76,13 +75,12 @@ from asymml_jax import data as data_lib
 from asymml_jax import train as train_lib
 from asymml_jax.evaluation import inversion
 from asymml_jax.models import get_model
+from experiments.attack_configs import DEFAULT_CONFIGS, DP_CONFIG_MODULE, parse_configs, plot_grid
+from experiments.attack_configs import DP as _DP
+from experiments.attack_configs import RANK as _RANK
 
-DEFAULT_CONFIGS = "dense,asymml_r1,asymml_r2,asymml_r4,asymml_dp_eps8"
-DP_CONFIG_MODULE = "experiments.configs.mnist_dp"
 ACCEPT_DENSE_SSIM = 0.6  # the attack must be strong enough to mean something
 GOAL_DP_SSIM = 0.2       # goal of issue 5 for AsymML with DP at epsilon 8
-_RANK = re.compile(r"^asymml_r(\d+)$")
-_DP = re.compile(r"^asymml_dp_eps([0-9]*\.?[0-9]+)$")
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/attack_inversion", "Output folder.")
 _CONFIGS = flags.DEFINE_string(
@@ -147,27 +145,6 @@ class AttackSettings:
       raise ValueError("decoder must be an inversion.DecoderConfig")
 
 
-def parse_configs(text: str) -> tuple[str, ...]:
-  """``"dense,asymml_r2,asymml_dp_eps8"`` -> names, each checked; repeats refused."""
-  out: list[str] = []
-  for part in str(text).split(","):
-    part = part.strip().lower()
-    if not part:
-      continue
-    m_rank, m_dp = _RANK.match(part), _DP.match(part)
-    ok = (part == "dense" or (m_rank and int(m_rank.group(1)) >= 1)
-          or (m_dp and float(m_dp.group(1)) > 0))
-    if not ok:
-      raise ValueError(f"--configs: unknown configuration {part!r}; use dense, "
-                       "asymml_r<k> (k >= 1) or asymml_dp_eps<e> (e > 0)")
-    if part in out:
-      raise ValueError(f"--configs: {part!r} is listed twice")
-    out.append(part)
-  if not out:
-    raise ValueError(f"--configs: give at least one configuration (e.g. {DEFAULT_CONFIGS})")
-  return tuple(out)
-
-
 def dp_train_config(epsilon: float, settings: AttackSettings) -> train_lib.TrainConfig:
   """``experiments/configs/mnist_dp.py`` at ``epsilon`` and the attack's width."""
   import importlib  # pylint: disable=g-import-not-at-top
@@ -203,35 +180,6 @@ def make_exposure(name: str, model, settings: AttackSettings,
                     "noise_multiplier": pc.noise_multiplier, "clip": pc.clip,
                     "dp_steps": settings.dp_steps, "sampling_rate": dp.sampling_rate,
                     "releases_per_step": dp.releases_per_step}
-
-
-def plot_grid(originals: np.ndarray, rows: Sequence[tuple[str, np.ndarray]], path: str, *,
-              low: float, high: float) -> None:
-  """Originals in the first row, one row of reconstructions per configuration (PNG)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  all_rows = [("original", originals)] + list(rows)
-  n_cols = len(originals)
-  fig, axes = plt.subplots(len(all_rows), n_cols, squeeze=False,
-                           figsize=(1.1 * n_cols + 1.6, 1.15 * len(all_rows)))
-  try:
-    for i, (label, images) in enumerate(all_rows):
-      for j in range(n_cols):
-        ax = axes[i][j]
-        ax.imshow(np.asarray(images[j])[..., 0], cmap="gray", vmin=low, vmax=high)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if j == 0:
-          ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-  finally:
-    plt.close(fig)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

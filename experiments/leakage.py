@@ -110,7 +110,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-import re
 import time
 import zlib
 from typing import Any, Callable, Sequence
@@ -129,14 +128,13 @@ from asymml_jax.evaluation import inversion
 from asymml_jax.evaluation import leakage as leakage_lib
 from asymml_jax.evaluation import step_view
 from asymml_jax.models import get_model
+from experiments.attack_configs import DEFAULT_CONFIGS, DP_CONFIG_MODULE, parse_configs
+from experiments.attack_configs import DP as _DP
+from experiments.attack_configs import RANK as _RANK
 
-DEFAULT_CONFIGS = "dense,asymml_r1,asymml_r2,asymml_r4,asymml_dp_eps8"
-DP_CONFIG_MODULE = "experiments.configs.mnist_dp"
 GOAL_FRACTION = 0.1  # issue 5: AsymML with DP at epsilon 8 below 10% of the dense MI
 CLASSES: tuple[str, ...] = ("activation", "output_gradient", "weight_gradient")
 ALL_PARAMS = "all"
-_RANK = re.compile(r"^asymml_r(\d+)$")
-_DP = re.compile(r"^asymml_dp_eps([0-9]*\.?[0-9]+)$")
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/leakage", "Output folder.")
 _CONFIGS = flags.DEFINE_string(
@@ -214,31 +212,6 @@ class LeakageSettings:
                        f"{self.pca_solver!r}")
     if not (isinstance(self.width, (int, float)) and 0 < self.width <= 4):
       raise ValueError(f"width must be in (0, 4], got {self.width}")
-
-
-def parse_configs(text: str) -> tuple[str, ...]:
-  """``"dense,asymml_r2,asymml_dp_eps8"`` -> names, each checked; repeats refused.
-
-  (The same grammar as ``experiments/attack_inversion.py``; the two scripts
-  cannot import each other, their absl flags share names.)
-  """
-  out: list[str] = []
-  for part in str(text).split(","):
-    part = part.strip().lower()
-    if not part:
-      continue
-    m_rank, m_dp = _RANK.match(part), _DP.match(part)
-    ok = (part == "dense" or (m_rank and int(m_rank.group(1)) >= 1)
-          or (m_dp and float(m_dp.group(1)) > 0))
-    if not ok:
-      raise ValueError(f"--configs: unknown configuration {part!r}; use dense, "
-                       "asymml_r<k> (k >= 1) or asymml_dp_eps<e> (e > 0)")
-    if part in out:
-      raise ValueError(f"--configs: {part!r} is listed twice")
-    out.append(part)
-  if not out:
-    raise ValueError(f"--configs: give at least one configuration (e.g. {DEFAULT_CONFIGS})")
-  return tuple(out)
 
 
 def dp_train_config(epsilon: float, settings: LeakageSettings) -> train_lib.TrainConfig:
