@@ -213,6 +213,10 @@ class CallbackHook:
     train: build ``custom_vjp`` stages (training) or plain callbacks (eval).
     host_forward: ``(k, tag, yr, params_k, stats_k) -> (rs, loss, metrics, new_stats)``.
     host_backward: ``(k, tag, drs, dloss) -> (dyr, dparams_k)``.
+
+  ``params_k`` has the :func:`asymml_jax.stages.boundary_params` layout (the
+  kernels of split convolutions travel one stage early, for the trusted
+  side's overlap), and so has ``dparams_k``.
   """
 
   def __init__(self, model: StagedModel, plan: Plan, batch: Mapping, tag: jax.Array,
@@ -220,6 +224,7 @@ class CallbackHook:
     self.model, self.plan, self.batch, self.tag, self.train = model, plan, batch, tag, train
     self.host_forward, self.host_backward = host_forward, host_backward
     self._priv = st.empty_private()
+    self._early: dict = {}  # shapes of the kernels the previous stage carried
     # A scalar threaded through every stage (forward and, as its cotangent,
     # backward) so that callbacks run in stage order even where no tensor
     # links two stages (e.g. a fully trusted convolution between them).
@@ -229,9 +234,10 @@ class CallbackHook:
     def f(yr, params_k, stats_k, priv, batch):
       return st.trusted_stage(self.model, self.plan, k, params_k, stats_k, yr, priv,
                               batch, jax.random.key(0), self.train)
+    full = st.merge_boundary(_struct(params_k), self._early)
     (rs, priv_out, loss), (new_stats, metrics) = jax.eval_shape(
-        f, _struct(yr), _struct(params_k), _struct(stats_k), self._priv, self.batch)
-    self._priv = priv_out
+        f, _struct(yr), full, _struct(stats_k), self._priv, self.batch)
+    self._priv, self._early = priv_out, _struct(params_k["next"])
     return rs, loss, metrics, new_stats
 
   def __call__(self, k, yr, params_k, stats_k):
@@ -318,7 +324,8 @@ class HostBackend(Backend):
       hook = CallbackHook(model, plan, batch_struct(model, batch_size), tag, True,
                           host_forward, host_backward)
       (l, (new_stats, metrics)), g = jax.value_and_grad(
-          lambda p: st.run_untrusted(model, plan, p, stats, hook, residual_dtype, group),
+          lambda p: st.run_untrusted(model, plan, p, stats, hook, residual_dtype, group,
+                                     boundary=True),
           has_aux=True)(params)
       return l, g, new_stats, metrics
 
@@ -326,7 +333,7 @@ class HostBackend(Backend):
       hook = CallbackHook(model, plan, batch_struct(model, batch_size), tag, False,
                           host_forward, host_backward)
       return st.run_untrusted(model, plan, params, stats, hook, residual_dtype,
-                              group)[1][1]
+                              group, boundary=True)[1][1]
 
     if mesh is None:
       self._grad = jax.jit(grad_fn, static_argnames="batch_size")
@@ -403,7 +410,9 @@ class LocalBackend(HostBackend):
 
   def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, *,
                residual_dtype: Any = None, mesh: Mesh | None = None):
-    self.executor = TrustedExecutor(model, plan, key)
+    # The boundary layout of the process backends; Y_L is computed on demand
+    # (nothing runs between two callbacks here to overlap it with).
+    self.executor = TrustedExecutor(model, plan, key, overlap=True)
     super().__init__(model, plan, name="local", residual_dtype=residual_dtype, mesh=mesh)
 
   def _begin(self, tag, batch, train):

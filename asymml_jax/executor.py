@@ -19,6 +19,17 @@ gradient protection, ``dR`` is itself the sum of the accelerator's
 leaves as the cotangent of the released residual it kept (``priv['r']``).  Calls are
 idempotent for a repeated ``(tag, stage)``; a step's state is dropped when the
 backward of stage 0 is done (or :meth:`end` is called).
+
+Overlap (``overlap=True``, DESIGN section 3, step 3): parameters arrive in the
+:func:`asymml_jax.stages.boundary_params` layout, so stage ``k``'s call
+already carries the kernels of group ``k``'s split convolutions.  The low-rank
+outputs ``Y_L`` of stage ``k+1`` then depend on nothing the accelerator still
+has to compute: :meth:`TrustedExecutor.prefetch` computes them (and, in
+training, their VJP) after stage ``k``'s reply has gone out, while the
+accelerator convolves the residuals; a forward that finds them missing
+computes them itself (the ``local`` backend never prefetches).  In the
+backward pass the kernels' gradient is returned with stage ``k``, the call
+that carried them.
 """
 
 from __future__ import annotations
@@ -50,22 +61,41 @@ class _Step:
   vjps: dict = dataclasses.field(default_factory=dict)      # k -> vjp of stage k
   dpriv: dict = dataclasses.field(default_factory=dict)     # k -> cotangent of priv_in of k
   grads: dict = dataclasses.field(default_factory=dict)     # k -> (dyr, dparams_k)
+  # Overlap layout only:
+  early: dict = dataclasses.field(default_factory=dict)     # k -> kernels stage k-1 carried
+  yl: dict = dataclasses.field(default_factory=dict)        # k -> Y_L of stage k
+  yl_vjps: dict = dataclasses.field(default_factory=dict)   # k -> vjp of Y_L of stage k
+  dearly: dict = dataclasses.field(default_factory=dict)    # k -> d(kernels stage k-1 carried)
 
 
-def _stage_fn(model, plan, k, train, yr, params_k, stats_k, priv_in, batch, key):
-  def f(yr, params_k, priv_in):
+def _stage_fn(model, plan, k, train, yr, params_k, stats_k, priv_in, batch, key, yl=None):
+  def f(yr, params_k, priv_in, yl):
     outs, aux = st.trusted_stage(model, plan, k, params_k, stats_k, yr, priv_in,
-                                 batch, key, train)
+                                 batch, key, train, yl=yl)
     return outs, aux
   if not train:
-    return f(yr, params_k, priv_in)
-  outs, vjp, aux = jax.vjp(f, yr, params_k, priv_in, has_aux=True)
+    return f(yr, params_k, priv_in, yl)
+  outs, vjp, aux = jax.vjp(f, yr, params_k, priv_in, yl, has_aux=True)
   return outs, aux, vjp
 
 
+def _lowrank_fn(model, plan, k, train, kernels, priv_in):
+  def f(kernels, priv_in):
+    return st.lowrank_outputs(model, plan, k, kernels, priv_in)
+  if not train:
+    return f(kernels, priv_in), None
+  return jax.vjp(f, kernels, priv_in)
+
+
 @jax.jit
-def _apply_vjp(vjp, cotangents):
-  return vjp(cotangents)
+def _apply_vjp(vjp, yl_vjp, cotangents):
+  """Stage VJP; with a prefetched ``Y_L``, its VJP too, summed into ``dP``, ``dU``, ``dW``."""
+  dyr, dparams, dpriv_in, dyl = vjp(cotangents)
+  if yl_vjp is not None:
+    dkernels, dpriv_l = yl_vjp(dyl)
+    dpriv_in = jax.tree_util.tree_map(jnp.add, dpriv_in, dpriv_l)
+    dparams = _add_kernel_grads(dparams, dkernels)
+  return dyr, dparams, dpriv_in
 
 
 class TrustedExecutor:
@@ -76,12 +106,17 @@ class TrustedExecutor:
     plan: per-site modes.
     key: the trusted RNG key (decomposition start blocks, later noise); each
       step uses ``fold_in(key, step)``.
+
+    overlap: parameters in the :func:`asymml_jax.stages.boundary_params`
+      layout, low-rank outputs computed ahead by :meth:`prefetch`.
   """
 
-  def __init__(self, model: StagedModel, plan: Plan, key: jax.Array):
-    self.model, self.plan, self._key = model, plan, key
+  def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, *,
+               overlap: bool = False):
+    self.model, self.plan, self._key, self.overlap = model, plan, key, overlap
     self._steps: dict[int, _Step] = {}
-    self._jitted: dict[tuple[int, bool], Any] = {}
+    self._jitted: dict[tuple, Any] = {}
+    self._pending: list[tuple[int, int]] = []  # (tag, k) whose Y_L prefetch may run
 
   # ------------------------------------------------------------------ steps
   def begin(self, tag: int, batch: Mapping[str, Any], *, train: bool) -> None:
@@ -107,11 +142,39 @@ class TrustedExecutor:
     except KeyError:
       raise ExecutorError(f"unknown step {tag}: begin() was not called or it has ended") from None
 
-  def _fn(self, k: int, train: bool):
-    if (k, train) not in self._jitted:
-      self._jitted[(k, train)] = jax.jit(functools.partial(
-          _stage_fn, self.model, self.plan, k, train))
-    return self._jitted[(k, train)]
+  def _fn(self, k: int, train: bool, fn=_stage_fn):
+    if (fn, k, train) not in self._jitted:
+      self._jitted[(fn, k, train)] = jax.jit(functools.partial(
+          fn, self.model, self.plan, k, train))
+    return self._jitted[(fn, k, train)]
+
+  def _lowrank(self, tag: int, s: _Step, k: int):
+    """Stage ``k``'s ``Y_L`` (overlap layout): the prefetched one, or computed now."""
+    if k not in s.yl:
+      if not st.split_convs(self.model, self.plan, k - 1):
+        return None
+      s.yl[k], vjp = self._fn(k, s.train, _lowrank_fn)(s.early[k], s.priv[k])
+      if vjp is not None:
+        s.yl_vjps[k] = vjp
+    return s.yl[k]
+
+  def prefetch(self) -> int:
+    """Computes the ``Y_L`` that the next forward calls will need (overlap).
+
+    Called by the enclave after a reply has gone out, while the accelerator
+    works; blocks until they are computed.  Returns how many stages it served.
+    """
+    pending, self._pending = self._pending, []
+    done = 0
+    for tag, k in pending:
+      s = self._steps.get(tag)
+      if s is None or k in s.outputs or k not in s.priv:
+        continue
+      yl = self._lowrank(tag, s, k)
+      if yl is not None:
+        jax.block_until_ready(yl)
+        done += 1
+    return done
 
   def _call(self, fn, *args):
     """``fn(*args)``; with integrity checks on, waits for it and raises their typed error."""
@@ -130,7 +193,13 @@ class TrustedExecutor:
     if k not in s.priv:
       raise ExecutorError(f"step {tag}: stage {k} called before stage {k - 1}")
     key = st.step_key(self._key, tag)
-    res = self._call(self._fn(k, s.train), yr, params_k, stats_k, s.priv[k], s.batch, key)
+    yl = None
+    if self.overlap:
+      s.early[k + 1] = params_k["next"]
+      params_k = st.merge_boundary(params_k, s.early.get(k, {}))
+      yl = self._lowrank(tag, s, k)
+    res = self._call(self._fn(k, s.train), yr, params_k, stats_k, s.priv[k], s.batch, key,
+                     yl)
     if s.train:
       (rs, priv_out, loss), (new_stats, metrics), vjp = res
       s.vjps[k] = vjp
@@ -138,6 +207,8 @@ class TrustedExecutor:
       (rs, priv_out, loss), (new_stats, metrics) = res
     s.priv[k + 1] = priv_out
     s.outputs[k] = (rs, loss, metrics, new_stats)
+    if self.overlap and k + 1 < self.model.num_stages:
+      self._pending.append((int(tag), k + 1))
     if not s.train and k == self.model.num_stages - 1:
       out = s.outputs[k]
       self.end(tag)
@@ -163,7 +234,11 @@ class TrustedExecutor:
     rs, loss, _, _ = s.outputs[k]
     drs = {name: jnp.asarray(drs[name], rs[name].dtype) for name in rs}
     dl = None if loss is None else jnp.asarray(dloss, jnp.float32).reshape(())
-    dyr, dparams, dpriv_in = self._call(_apply_vjp, s.vjps[k], (drs, dpriv_out, dl))
+    dyr, dparams, dpriv_in = self._call(_apply_vjp, s.vjps[k], s.yl_vjps.pop(k, None),
+                                        (drs, dpriv_out, dl))
+    if self.overlap:  # group k-1's split kernels came with stage k-1: their gradient goes back there
+      dparams, s.dearly[k] = st.split_boundary_grads(self.model, self.plan, k, dparams,
+                                                     s.dearly.pop(k + 1, {}))
     s.dpriv[k] = dpriv_in
     del s.vjps[k]
     s.dpriv.pop(k + 1, None)
@@ -171,6 +246,12 @@ class TrustedExecutor:
     if k == 0:
       self.end(tag)
     return dyr, dparams
+
+
+def _add_kernel_grads(dparams: dict, dkernels: Mapping) -> dict:
+  convs = {name: (dict(g, kernel=g["kernel"] + dkernels[name]) if name in dkernels else g)
+           for name, g in dparams["convs"].items()}
+  return dict(dparams, convs=convs)
 
 
 def to_numpy(tree):

@@ -110,6 +110,70 @@ def stage_params(model: StagedModel, params: Tree, k: int) -> dict:
   return {"convs": convs, "stage": params["stages"][str(k)]}
 
 
+def split_convs(model: StagedModel, plan: Plan, k: int) -> list:
+  """Group ``k``'s convolutions whose input site is split (a low-rank part in the TEE)."""
+  if not 0 <= k < len(model.groups):
+    return []
+  return [c for c in model.groups[k] if plan.sites[c.site].split]
+
+
+def boundary_params(model: StagedModel, plan: Plan, params: Tree, k: int) -> dict:
+  """Stage ``k``'s public parameters as a host call carries them (overlap layout).
+
+  DESIGN section 3, step 3: the TEE computes ``Y_L = conv(P, W')`` while the
+  accelerator computes ``Y_R``, so the kernels of group ``k``'s split
+  convolutions travel one call early, with stage ``k`` (``"next"``), and
+  stage ``k+1``'s call carries the rest of group ``k``'s parameters (biases,
+  the kernels of trusted and dense convolutions).  Every weight crosses once
+  per step, as in :func:`stage_params`; :func:`merge_boundary` restores that
+  layout on the trusted side.
+  """
+  pk = stage_params(model, params, k)
+  early = {c.name for c in split_convs(model, plan, k - 1)}
+  convs = {name: {n: v for n, v in p.items() if not (name in early and n == "kernel")}
+           for name, p in pk["convs"].items()}
+  nxt = {c.name: params["convs"][c.name]["kernel"] for c in split_convs(model, plan, k)}
+  return {"convs": convs, "stage": pk["stage"], "next": nxt}
+
+
+def merge_boundary(boundary_k: Mapping, early_kernels: Mapping) -> dict:
+  """:func:`stage_params` of stage ``k`` from its :func:`boundary_params` and the
+  kernels stage ``k-1``'s call carried (``boundary_params(..., k - 1)["next"]``)."""
+  convs = {name: (dict(p, kernel=early_kernels[name]) if name in early_kernels else dict(p))
+           for name, p in boundary_k["convs"].items()}
+  return {"convs": convs, "stage": boundary_k["stage"]}
+
+
+def split_boundary_grads(model: StagedModel, plan: Plan, k: int, dparams_k: Mapping,
+                         dnext: Mapping) -> tuple[dict, dict]:
+  """The inverse of :func:`merge_boundary` for cotangents.
+
+  Returns:
+    ``(dboundary_k, dearly)``: the cotangent of stage ``k``'s boundary
+    parameters (``"next"`` is ``dnext``, the gradient of group ``k``'s split
+    kernels that stage ``k+1``'s backward produced) and the gradient of the
+    kernels stage ``k-1``'s call carried, which stage ``k-1``'s backward returns.
+  """
+  early = {c.name for c in split_convs(model, plan, k - 1)}
+  convs = {name: {n: v for n, v in p.items() if not (name in early and n == "kernel")}
+           for name, p in dparams_k["convs"].items()}
+  dearly = {name: dparams_k["convs"][name]["kernel"] for name in early}
+  return {"convs": convs, "stage": dparams_k["stage"], "next": dict(dnext)}, dearly
+
+
+def lowrank_outputs(model: StagedModel, plan: Plan, k: int, kernels: Mapping,
+                    priv_in: Mapping) -> dict:
+  """``Y_L = conv(P, W')`` of every split conv of group ``k-1`` (section 3, step 3).
+
+  Needs only the private ``P``/``U`` stage ``k-1`` left and the kernels, not
+  the accelerator's ``Y_R``: the enclave computes it while the accelerator
+  convolves the residuals, and hands it to :func:`trusted_stage` as ``yl``.
+  """
+  return {c.name: ops.lowrank_conv(priv_in["p"][c.site], priv_in["u"][c.site],
+                                   kernels[c.name], c)
+          for c in split_convs(model, plan, k - 1)}
+
+
 def stage_stats(stats: Tree, k: int) -> dict:
   return stats["stages"][str(k)]
 
@@ -136,7 +200,8 @@ def classification_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
 
 def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
                   stats_k: dict, yr: Mapping[str, jax.Array], priv_in: dict,
-                  batch: Mapping[str, jax.Array], key: jax.Array, train: bool):
+                  batch: Mapping[str, jax.Array], key: jax.Array, train: bool,
+                  yl: Mapping[str, jax.Array] | None = None):
   """Trusted stage ``k`` as one pure function (DESIGN section 3, steps 3-5 and 1).
 
   Releases follow ``plan.privacy`` (DESIGN section 7): residuals are clipped
@@ -163,6 +228,8 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
     key: the step's trusted key; sites and output gradients derive theirs from
       it (:func:`site_key`, :func:`release_noise_key`, :func:`gradient_key`).
     train: training mode (BatchNorm uses batch statistics).
+    yl: the low-rank outputs :func:`lowrank_outputs` computed ahead (overlap);
+      ``None`` computes them here.
 
   Returns:
     ``((rs, priv_out, loss), (new_stats_k, metrics))``: residuals released to the
@@ -200,8 +267,9 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
           y_r = grad_lib.protect_output(
               y_r, priv_in["r"][c.site], p["kernel"],
               gradient_key(key, model.conv_index(c.name)), gradient_release(model, plan, c))
-        y = ops.combine(ops.lowrank_conv(priv_in["p"][c.site], priv_in["u"][c.site],
-                                         p["kernel"], c), y_r, None)
+        y_l = (ops.lowrank_conv(priv_in["p"][c.site], priv_in["u"][c.site], p["kernel"], c)
+               if yl is None else yl[c.name])
+        y = ops.combine(y_l, y_r, None)
       ys[c.name] = ops.combine(None, y, p.get("bias"))
     if checks:
       integrity.enforce(checks, stage=k, direction="forward", labels=labels)
@@ -263,11 +331,13 @@ def untrusted_group(model: StagedModel, plan: Plan, k: int, conv_params: Tree,
 
 def run_untrusted(model: StagedModel, plan: Plan, params: Tree, stats: Tree,
                   hook: TrustedHook, residual_dtype: Any = None,
-                  group: Callable[..., dict] | None = None):
+                  group: Callable[..., dict] | None = None, boundary: bool = False):
   """The untrusted program of one step: public weights in, loss out.
 
   ``group`` replaces :func:`untrusted_group` (same signature), e.g. to model a
-  different accelerator arithmetic.
+  different accelerator arithmetic.  ``boundary`` hands the hook
+  :func:`boundary_params` (the overlap layout of the process backends)
+  instead of :func:`stage_params`.
 
   Returns:
     ``(loss, (new_stats, metrics))`` from the last trusted stage.
@@ -276,8 +346,8 @@ def run_untrusted(model: StagedModel, plan: Plan, params: Tree, stats: Tree,
   new_stats = {}
   loss = metrics = None
   for k in range(model.num_stages):
-    rs, loss, metrics, st = hook(k, yr, stage_params(model, params, k),
-                                 stage_stats(stats, k))
+    pk = boundary_params(model, plan, params, k) if boundary else stage_params(model, params, k)
+    rs, loss, metrics, st = hook(k, yr, pk, stage_stats(stats, k))
     new_stats[str(k)] = st
     if k < model.num_stages - 1:
       yr = (group or untrusted_group)(model, plan, k, params["convs"], rs, residual_dtype)
@@ -318,13 +388,15 @@ def batch_struct(model: StagedModel, batch_size: int) -> dict:
 
 
 def stage_signatures(model: StagedModel, plan: Plan, batch_size: int, train: bool,
-                     residual_dtype: Any = None) -> list[dict[str, Any]]:
+                     residual_dtype: Any = None, boundary: bool = False
+                     ) -> list[dict[str, Any]]:
   """Abstract inputs and outputs of every trusted stage (no FLOPs).
 
   Returns:
     One dict per stage with the shapes of ``yr``, ``params``, ``stats`` (inputs
     from the untrusted side) and ``rs``, ``loss``, ``metrics``, ``new_stats``
     (outputs to it): what a process boundary must expect on each call.
+    ``params`` has the :func:`boundary_params` layout when ``boundary``.
   """
   key = jax.random.key(0)
   variables = jax.eval_shape(model.init, key)
@@ -339,6 +411,8 @@ def stage_signatures(model: StagedModel, plan: Plan, batch_size: int, train: boo
     def f(pk, sk, yr, priv, batch, key, k=k):
       return trusted_stage(model, plan, k, pk, sk, yr, priv, batch, key, train)
     (rs, priv, loss), (new_stats, metrics) = jax.eval_shape(f, pk, sk, yr, priv, batch, key)
+    if boundary:
+      pk = boundary_params(model, plan, params, k)
     sigs.append({"yr": yr, "params": pk, "stats": sk, "rs": rs, "loss": loss,
                  "metrics": metrics, "new_stats": new_stats})
     if k < model.num_stages - 1:

@@ -18,7 +18,9 @@ Per backend and repetition it records the wall time of a training step
 (``grads``) or of an inference batch (``evaluate``) and splits it, from the
 bridge's counters, into
 
-* trusted compute: time the enclave spent in its jitted trusted functions;
+* trusted compute: time the enclave spent in its jitted trusted functions,
+  of which ``overlap``: the low-rank convolutions it computed after replying,
+  while this process convolved the residuals (DESIGN section 3, step 3);
 * transfer: copying and validating payloads through the shared-memory arena
   (both ends);
 * waiting: the rest of the bridge calls' time (socket round trips, scheduling);
@@ -209,14 +211,19 @@ def split_time(wall: float, before: Mapping[str, float], after: Mapping[str, flo
                ) -> dict[str, float]:
   """Splits one repetition's wall time from the bridge counters before/after it.
 
-  Returns ``trusted_compute_s``, ``transfer_s``, ``waiting_s`` and
-  ``untrusted_compute_s`` (the wall time outside bridge calls); all zero but
-  the last for a backend without a bridge.
+  Returns ``trusted_compute_s`` (all of the enclave's compute),
+  ``overlap_s`` (the part of it that ran while the untrusted side computed:
+  the prefetched low-rank convolutions, DESIGN section 3 step 3),
+  ``transfer_s``, ``waiting_s`` and ``untrusted_compute_s`` (the wall time
+  outside bridge calls); all zero but the last for a backend without a
+  bridge.  ``trusted - overlap + transfer + waiting + untrusted`` is the wall
+  time.
   """
   d = {k: float(after.get(k, 0.0)) - float(before.get(k, 0.0))
-       for k in ("call_s", "server_s", "compute_s", "client_copy_s", "calls")}
+       for k in ("call_s", "server_s", "compute_s", "client_copy_s", "calls", "overlap_s")}
   server_copy = max(0.0, d["server_s"] - d["compute_s"])
-  return {"trusted_compute_s": d["compute_s"],
+  return {"trusted_compute_s": d["compute_s"] + d["overlap_s"],
+          "overlap_s": d["overlap_s"],
           "transfer_s": d["client_copy_s"] + server_copy,
           "waiting_s": max(0.0, d["call_s"] - d["server_s"] - d["client_copy_s"]),
           "untrusted_compute_s": max(0.0, wall - d["call_s"]),
@@ -412,8 +419,9 @@ def machine_info() -> dict[str, Any]:
 def format_table(report: Mapping[str, Any]) -> str:
   """A plain-text table of the report: medians, breakdown and ratios."""
   lines = []
-  head = (f"{'model':<9}{'backend':<10}{'wall s':>9}{'trusted':>9}{'untrust':>9}"
-          f"{'transfer':>9}{'waiting':>9}{'x wall':>8}{'x trust':>8}{'peak MB':>9}")
+  head = (f"{'model':<9}{'backend':<10}{'wall s':>9}{'trusted':>9}{'overlap':>9}"
+          f"{'untrust':>9}{'transfer':>9}{'waiting':>9}{'x wall':>8}{'x trust':>8}"
+          f"{'peak MB':>9}")
   lines.append(head)
   lines.append("-" * len(head))
   for mname, m in report["models"].items():
@@ -423,6 +431,7 @@ def format_table(report: Mapping[str, Any]) -> str:
       peak = r["trusted_peak_rss_bytes"]
       lines.append(
           f"{mname:<9}{name:<10}{med['wall_s']:>9.3f}{med['trusted_compute_s']:>9.3f}"
+          f"{med.get('overlap_s', 0.0):>9.3f}"
           f"{med['untrusted_compute_s']:>9.3f}{med['transfer_s']:>9.3f}{med['waiting_s']:>9.3f}"
           f"{r['ratio_wall_vs_tee_only']:>7.2f}x{(f'{rt:.2f}x' if rt else '-'):>8}"
           f"{(f'{peak / 2**20:.0f}' if peak else '-'):>9}")
@@ -451,11 +460,18 @@ def plot(report: Mapping[str, Any], path: str) -> None:
     rows = report["models"][mname]["backends"]
     names = list(rows)
     bottom = np.zeros(len(names))
+    overlap = np.array([rows[n]["median"].get("overlap_s", 0.0) for n in names])
     for key in BREAKDOWN_KEYS:
       vals = np.array([rows[n]["median"][key] for n in names])
-      ax.bar(names, vals, bottom=bottom, color=colours[key],
-             label=key.replace("_s", "").replace("_", " "))
+      label = key.replace("_s", "").replace("_", " ")
+      if key == "trusted_compute_s":  # on the critical path; the overlapped part beside
+        vals, label = vals - overlap, "trusted compute (critical path)"
+      ax.bar(names, vals, bottom=bottom, color=colours[key], label=label)
       bottom += vals
+    if overlap.any():
+      ax.bar(np.arange(len(names)) + 0.3, overlap, width=0.15, color="none",
+             edgecolor=colours["trusted_compute_s"], hatch="///",
+             label="trusted, overlapped with untrusted")
     for i, n in enumerate(names):
       ax.text(i, bottom[i], f"{rows[n]['ratio_wall_vs_tee_only']:.1f}x", ha="center",
               va="bottom", fontsize=9)

@@ -61,6 +61,8 @@ class EnclaveServer:
     self.copy_seconds = 0.0
     self.calls = 0
     self.shutdown = False
+    self.overlap_seconds = 0.0
+    self._deferred: tuple[float, float] | None = None  # (start, seconds) of the last prefetch
 
   # ------------------------------------------------------------------ frames
   def handle(self, body: bytes) -> bytes:
@@ -81,6 +83,7 @@ class EnclaveServer:
       meta, tensors = getattr(self, f"_on_{msg.op.name.lower()}")(msg)
       self.calls += 1
       meta = dict(meta, server_s=time.perf_counter() - t0)
+      meta.update(self._deferred_share(msg.meta.get("sent_at")))
       return pr.encode(pr.Message(Op.REPLY, msg.seq, msg.tag, msg.stage, meta, tensors))
     except Exception as e:  # noqa: BLE001 - every failure is a typed reply
       if isinstance(e, (KeyError, AttributeError)) and not isinstance(e, pr.ProtocolError):
@@ -95,6 +98,45 @@ class EnclaveServer:
       except ImportError:  # pragma: no cover
         pass
       return pr.encode(pr.error_message(seq, tag, stage, e))
+
+  # ----------------------------------------------------------------- overlap
+  def after_reply(self) -> None:
+    """Work deferred until a reply is out: the next stage's ``Y_L`` (DESIGN section 3, step 3).
+
+    It runs while the accelerator convolves the residuals just sent.  A
+    failure here is not reported: the forward that needs ``Y_L`` computes it
+    again and reports its own error.
+    """
+    executor = getattr(self, "executor", None)
+    if executor is None or not executor.overlap:
+      return
+    t0 = time.monotonic()
+    try:
+      served = executor.prefetch()
+    except Exception:  # noqa: BLE001 - see the docstring
+      served = 0
+    dt = time.monotonic() - t0
+    if served:
+      self._deferred = (t0, dt)
+      self.compute_seconds += dt
+
+  def _deferred_share(self, sent_at) -> dict[str, float]:
+    """How much of the last deferred work the next request waited for.
+
+    ``sent_at`` is the client's ``time.monotonic()`` when it sent this request
+    (one clock for both processes on one machine).  The deferred work before it
+    overlapped the untrusted side's compute (``overlap_s``); the rest delayed
+    this call and counts as its trusted compute.
+    """
+    if self._deferred is None:
+      return {}
+    start, seconds = self._deferred
+    self._deferred = None
+    hidden = 0.0
+    if isinstance(sent_at, (int, float)):
+      hidden = min(seconds, max(0.0, float(sent_at) - start))
+    self.overlap_seconds += hidden
+    return {"overlap_s": hidden, "deferred_exposed_s": seconds - hidden}
 
   def _read(self, msg: pr.Message, expect: dict[str, tuple[str, Any]]) -> dict[str, Any]:
     """Validates and copies in the request's tensors (``{prefix: (class, template)}``)."""
@@ -173,11 +215,13 @@ class EnclaveServer:
     self.model, self.plan, self.seed = model, plan, seed
     self.batch_size, self.eval_bs, self.backend = batch_size, eval_bs, backend
     self.augment = (bool(c.get("augment_flip", False)), int(c.get("augment_crop", 0)))
-    self.executor = TrustedExecutor(model, plan, key)
+    self.executor = TrustedExecutor(model, plan, key, overlap=True)
     self.sampler_seed = trusted_seed(self._seal_key, seed ^ 0x5A4D504C)  # private batches
     self.truncated_steps = 0
-    self.sigs = {True: st.stage_signatures(model, plan, batch_size, True, residual_dtype),
-                 False: st.stage_signatures(model, plan, eval_bs, False, residual_dtype)}
+    self.sigs = {True: st.stage_signatures(model, plan, batch_size, True, residual_dtype,
+                                           boundary=True),
+                 False: st.stage_signatures(model, plan, eval_bs, False, residual_dtype,
+                                            boundary=True)}
     self.train_tags: dict[int, bool] = {}
     if backend == "tee_only":
       self.whole = bk.InlineBackend(model, plan, key, name="tee_only")
@@ -303,6 +347,7 @@ class EnclaveServer:
 
   def _on_stats(self, msg: pr.Message):
     return {"compute_s_total": self.compute_seconds, "copy_s_total": self.copy_seconds,
+            "overlap_s_total": self.overlap_seconds,
             "calls": self.calls, "poisson_truncated_steps": getattr(self, "truncated_steps", 0),
             "traffic_in": self.traffic_in.summary(),
             "traffic_out": self.traffic_out.summary(),
@@ -329,6 +374,7 @@ def serve(server: EnclaveServer, channel: Channel) -> None:
       channel.send(pr.encode(pr.error_message(0, 0, 0, e)))
       return
     channel.send(server.handle(body))
+    server.after_reply()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,3 +56,74 @@ def test_begin_rejects_wrong_image_shape(setup):
   ex = TrustedExecutor(model, plan, jax.random.key(1))
   with pytest.raises(ValueError, match="expects images"):
     ex.begin(0, dict(batch, image=batch["image"][:, :16]), train=True)
+
+
+def _one_step(ex, model, plan, v, batch, *, overlap: bool, prefetch_stages=()):
+  """Forward and backward of one training step through ``ex``, the untrusted groups
+  computed here; fixed cotangents.  Returns the loss, every stage's residuals and
+  ``dyr``, and the trusted parameter gradients summed into the whole tree's layout."""
+  params, stats = v["params"], v["batch_stats"]
+  ex.begin(0, batch, train=True)
+  n = model.num_stages
+  yr, rss, loss, served = {}, [], None, 0
+  for k in range(n):
+    pk = (st.boundary_params(model, plan, params, k) if overlap
+          else st.stage_params(model, params, k))
+    rs, loss, _, _ = ex.forward(0, k, yr, pk, st.stage_stats(stats, k))
+    rss.append(rs)
+    if k in prefetch_stages:
+      served += ex.prefetch()
+    if k < n - 1:
+      yr = st.untrusted_group(model, plan, k, params["convs"], rs)
+  rng = np.random.default_rng(7)
+  total = jax.tree_util.tree_map(np.zeros_like, jax.device_get(params))
+  dyrs = []
+  for k in reversed(range(n)):
+    drs = {s: rng.standard_normal(np.shape(r)).astype(np.float32) for s, r in rss[k].items()}
+    dyr, dparams = ex.backward(0, k, drs, np.float32(1.0))
+    dyrs.append(dyr)
+    for name, g in dparams["convs"].items():
+      for leaf, x in g.items():
+        total["convs"][name][leaf] += np.asarray(x)
+    for name, x in dparams.get("next", {}).items():
+      total["convs"][name]["kernel"] += np.asarray(x)
+    total["stages"][str(k)] = jax.tree_util.tree_map(
+        lambda a, b: a + np.asarray(b), total["stages"][str(k)], dparams["stage"])
+  assert ex.open_steps == ()
+  return loss, rss, dyrs, total, served
+
+
+def test_overlap_layout_gives_the_same_step(setup):
+  """DESIGN section 3 step 3: kernels one call early and Y_L prefetched (or not)
+  change nothing: loss, residuals, dY and every trusted parameter gradient."""
+  model, plan, v, batch = setup
+  ref = _one_step(TrustedExecutor(model, plan, jax.random.key(1)), model, plan, v, batch,
+                  overlap=False)
+  ex = TrustedExecutor(model, plan, jax.random.key(1), overlap=True)
+  # Prefetch after some stages only: the others compute Y_L on demand.
+  got = _one_step(ex, model, plan, v, batch, overlap=True,
+                  prefetch_stages=range(0, model.num_stages, 2))
+  assert got[4] >= 1  # some Y_L were computed ahead
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(got[1:4]), jax.tree_util.tree_leaves(ref[1:4])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # The split kernels' gradients are not all zero (the test would not see them lost).
+  split = [c.name for k in range(model.num_stages) for c in st.split_convs(model, plan, k)]
+  assert split and all(np.abs(got[3]["convs"][c]["kernel"]).sum() > 0 for c in split)
+
+
+def test_boundary_layout_moves_split_kernels_one_stage_early(setup):
+  model, plan, v, _ = setup
+  params = v["params"]
+  seen = {}
+  for k in range(model.num_stages):
+    b = st.boundary_params(model, plan, params, k)
+    full = st.merge_boundary(b, seen)
+    ref = st.stage_params(model, params, k)
+    assert jax.tree_util.tree_structure(full) == jax.tree_util.tree_structure(ref)
+    assert set(b["next"]) == {c.name for c in st.split_convs(model, plan, k)}
+    seen = b["next"]
+  n_split = sum(len(st.split_convs(model, plan, k)) for k in range(model.num_stages))
+  n_next = sum(len(st.boundary_params(model, plan, params, k)["next"])
+               for k in range(model.num_stages))
+  assert n_split == n_next > 0

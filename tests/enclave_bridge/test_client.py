@@ -396,15 +396,17 @@ def _zeros(template):
   return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
 
 
-def _forward(client, model, sig, tag, k, params, stats, yr=None):
-  """One FORWARD request built as the backend builds it (zeros for ``yr`` by default)."""
+def _forward(client, model, sig, tag, k, params, stats, yr=None, plan=None):
+  """One FORWARD request built as the backend builds it (zeros for ``yr`` by default;
+  ``params`` is the whole tree, or with ``plan=None`` already stage ``k``'s boundary part)."""
   expect = {"rs": ("activation_residual", sig["rs"]),
             "stats": ("batch_statistics", sig["new_stats"])}
   if sig["loss"] is not None:
     expect.update(loss=("loss", sig["loss"]), metrics=("metrics", sig["metrics"]))
   return client.call(Op.FORWARD, tag=tag, stage=k, expect=expect, parts=(
       ("yr", "conv_output_residual", _zeros(sig["yr"]) if yr is None else yr),
-      ("params", "public_weights", st.stage_params(model, params, k)),
+      ("params", "public_weights",
+       params if plan is None else st.boundary_params(model, plan, params, k)),
       ("stats", "public_batch_stats", st.stage_stats(stats, k))))
 
 
@@ -446,21 +448,24 @@ def test_bad_forward_is_refused_and_the_enclave_stays_usable(shared, model, vari
   tag = 1000 + list(ERRORS).index(case) + 100 * (where == "public_weights")
   meta, _ = client.call(Op.BEGIN, tag=tag, meta={"train": True, "index": 0})
   n = int(meta["batch_size"])
-  sigs = st.stage_signatures(model, backend.plan, n, True)
+  plan = backend.plan
+  sigs = st.stage_signatures(model, plan, n, True, boundary=True)
   try:
-    _forward(client, model, sigs[0], tag, 0, params, stats)
+    _forward(client, model, sigs[0], tag, 0, params, stats, plan=plan)
+    good = st.boundary_params(model, plan, params, 1)
     if where == "conv_output_residual":
-      bad_yr, bad_params = _bad(sigs[1]["yr"], case), params
-    else:
+      bad_yr, bad_params = _bad(sigs[1]["yr"], case), good
+    else:  # a kernel stage 1 carries (the next group's, for the overlap)
       bad_yr = None
-      bad_params = jax.tree_util.tree_map(lambda x: x, params)
-      kernel = bad_params["convs"]["conv0"]["kernel"]
-      bad_params["convs"]["conv0"]["kernel"] = _bad({"k": jax.ShapeDtypeStruct(
+      bad_params = jax.tree_util.tree_map(lambda x: x, good)
+      name = sorted(bad_params["next"])[0]
+      kernel = bad_params["next"][name]
+      bad_params["next"][name] = _bad({"k": jax.ShapeDtypeStruct(
           kernel.shape, kernel.dtype)}, case)["k"]
     with pytest.raises(ERRORS[case]):
       _forward(client, model, sigs[1], tag, 1, bad_params, stats, yr=bad_yr)
     # Nothing was half-done: the same stage with good tensors goes through.
-    _, out = _forward(client, model, sigs[1], tag, 1, params, stats)
+    _, out = _forward(client, model, sigs[1], tag, 1, good, stats)
     assert set(out["rs"]) == set(sigs[1]["rs"])
   finally:
     client.call(Op.END, tag=tag)
@@ -473,11 +478,12 @@ def test_bad_backward_is_refused(shared, model, variables, what):
   params, stats = variables["params"], variables["batch_stats"]
   tag = 2000 + ["dloss_nan", "dloss_inf", "drs_shape", "drs_dtype"].index(what)
   meta, _ = client.call(Op.BEGIN, tag=tag, meta={"train": True, "index": 0})
-  sigs = st.stage_signatures(model, backend.plan, int(meta["batch_size"]), True)
+  sigs = st.stage_signatures(model, backend.plan, int(meta["batch_size"]), True,
+                             boundary=True)
   last = model.num_stages - 1
   try:
     for k in range(model.num_stages):
-      _forward(client, model, sigs[k], tag, k, params, stats)
+      _forward(client, model, sigs[k], tag, k, params, stats, plan=backend.plan)
     # stage `last` is trusted (no residual out); stage 0 hands out the image residual.
     k, drs_t = (last, sigs[last]["rs"]) if what.startswith("dloss") else (0, sigs[0]["rs"])
     drs = _zeros(drs_t)
