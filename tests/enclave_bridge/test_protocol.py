@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import struct
@@ -257,7 +256,7 @@ def test_trailing_bytes():
 
 def test_duplicate_names():
   t = _msg().tensors[0]
-  body = pr.encode(_msg(tensors=(t, dataclasses.replace(t, offset=128))))
+  body = pr.encode(_msg(tensors=(t, t._replace(offset=128))))
   with pytest.raises(pr.MalformedFrame, match="duplicate"):
     pr.decode(body)
 
@@ -432,12 +431,11 @@ def test_check_against_extra_name():
 
 def test_check_against_wrong_shape():
   d = _descs(TEMPLATE, "params")
-  d["params/convs/conv0/kernel"] = dataclasses.replace(d["params/convs/conv0/kernel"],
-                                                       shape=(3, 3, 8, 1))
+  d["params/convs/conv0/kernel"] = d["params/convs/conv0/kernel"]._replace(shape=(3, 3, 8, 1))
   with pytest.raises(pr.ShapeMismatch, match="kernel"):
     pr.check_against(TEMPLATE, "params", d)
   d = _descs(TEMPLATE, "params")
-  d["params/stage/count"] = dataclasses.replace(d["params/stage/count"], shape=(1,))
+  d["params/stage/count"] = d["params/stage/count"]._replace(shape=(1,))
   with pytest.raises(pr.ShapeMismatch):
     pr.check_against(TEMPLATE, "params", d)
 
@@ -445,8 +443,7 @@ def test_check_against_wrong_shape():
 @pytest.mark.parametrize("dtype", [np.float16, np.int32, ml_dtypes.bfloat16])
 def test_check_against_wrong_dtype(dtype):
   d = _descs(TEMPLATE, "params")
-  d["params/convs/conv0/bias"] = dataclasses.replace(d["params/convs/conv0/bias"],
-                                                     dtype=np.dtype(dtype))
+  d["params/convs/conv0/bias"] = d["params/convs/conv0/bias"]._replace(dtype=np.dtype(dtype))
   with pytest.raises(pr.DtypeMismatch, match="bias"):
     pr.check_against(TEMPLATE, "params", d)
 

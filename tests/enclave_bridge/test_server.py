@@ -259,23 +259,23 @@ def _near_valid(r: _Rng, mutation: str, server, arena, op, tag, k):
     if mutation == "drop":
       del descs[i]
     elif mutation == "rename":
-      descs[i] = dataclasses.replace(d, name=d.name + r.pick(["x", "/x", "/"]))
+      descs[i] = d._replace(name=d.name + r.pick(["x", "/x", "/"]))
     elif mutation == "class":
-      descs[i] = dataclasses.replace(d, cls=r.pick(NOT_TO_ENCLAVE))
+      descs[i] = d._replace(cls=r.pick(NOT_TO_ENCLAVE))
     elif mutation == "shape":
       shape = d.shape + (1,) if not d.shape or r.g.random() < 0.5 else (
           d.shape[:-1] + (d.shape[-1] + r.pick([1, -1 if d.shape[-1] > 1 else 2]),))
-      descs[i] = dataclasses.replace(d, shape=shape, nbytes=math.prod(shape) * d.dtype.itemsize)
+      descs[i] = d._replace(shape=shape, nbytes=math.prod(shape) * d.dtype.itemsize)
     elif mutation == "dtype":
       dt = r.pick([t for t in pr.DTYPES.values() if t != d.dtype])
-      descs[i] = dataclasses.replace(d, dtype=dt, nbytes=math.prod(d.shape) * dt.itemsize)
+      descs[i] = d._replace(dtype=dt, nbytes=math.prod(d.shape) * dt.itemsize)
     elif mutation == "offset":
       off = r.pick([arena.region - (d.nbytes // ALIGN) * ALIGN, arena.region + ALIGN, 2**63,
                     U64 - 63])
-      descs[i] = dataclasses.replace(d, offset=off if off + d.nbytes > arena.region
+      descs[i] = d._replace(offset=off if off + d.nbytes > arena.region
                                      else arena.region + ALIGN)
     elif mutation == "misaligned":
-      descs[i] = dataclasses.replace(d, offset=d.offset + r.int(1, ALIGN - 1))
+      descs[i] = d._replace(offset=d.offset + r.int(1, ALIGN - 1))
   return descs, mutation
 
 
@@ -628,7 +628,7 @@ def test_descriptors_outside_the_arena(server, arena, variables):
   i = max(range(len(descs)), key=lambda j: descs[j].nbytes)
   for off in (arena.region, arena.region - ALIGN, 2**63, descs[i].offset + 4):
     bad = list(descs)
-    bad[i] = dataclasses.replace(descs[i], offset=off)
+    bad[i] = descs[i]._replace(offset=off)
     reply = _send(server, Op.FORWARD, tag=26, stage=1, tensors=bad)
     assert _code(reply) == "out_of_bounds"
   _ok(_send(server, Op.END, tag=26))
