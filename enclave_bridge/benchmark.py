@@ -459,6 +459,7 @@ def plot(report: Mapping[str, Any], path: str) -> None:
   for ax, mname in zip(axes[0], models):
     rows = report["models"][mname]["backends"]
     names = list(rows)
+    x = np.arange(len(names))  # numeric positions: the overlap bars sit between them
     bottom = np.zeros(len(names))
     overlap = np.array([rows[n]["median"].get("overlap_s", 0.0) for n in names])
     for key in BREAKDOWN_KEYS:
@@ -466,15 +467,17 @@ def plot(report: Mapping[str, Any], path: str) -> None:
       label = key.replace("_s", "").replace("_", " ")
       if key == "trusted_compute_s":  # on the critical path; the overlapped part beside
         vals, label = vals - overlap, "trusted compute (critical path)"
-      ax.bar(names, vals, bottom=bottom, color=colours[key], label=label)
+      ax.bar(x, vals, bottom=bottom, color=colours[key], label=label)
       bottom += vals
-    if overlap.any():
-      ax.bar(np.arange(len(names)) + 0.3, overlap, width=0.15, color="none",
+    shown = overlap > 0
+    if shown.any():  # beside its bar (bars span +-0.4): it ran during the untrusted compute
+      ax.bar(x[shown] + 0.48, overlap[shown], width=0.12, color="#f5b7b1",
              edgecolor=colours["trusted_compute_s"], hatch="///",
              label="trusted, overlapped with untrusted")
     for i, n in enumerate(names):
       ax.text(i, bottom[i], f"{rows[n]['ratio_wall_vs_tee_only']:.1f}x", ha="center",
               va="bottom", fontsize=9)
+    ax.set_xticks(x, names)
     ax.set_title(f"{mname} ({report['settings']['mode']}, "
                  f"plan {report['models'][mname]['plan']['trusted_mac_ratio_forward']:.1f}x)")
     ax.set_ylabel("seconds per step (median)")
