@@ -27,7 +27,8 @@ outputs ``Y_L`` of stage ``k+1`` then depend on nothing the accelerator still
 has to compute: :meth:`TrustedExecutor.prefetch` computes them (and, in
 training, their VJP) after stage ``k``'s reply has gone out, while the
 accelerator convolves the residuals; a forward that finds them missing
-computes them itself (the ``local`` backend never prefetches).  In the
+computes them inside its own stage function (the ``local`` backend never
+prefetches, so it compiles nothing more than without overlap).  In the
 backward pass the kernels' gradient is returned with stage ``k``, the call
 that carried them.
 """
@@ -148,15 +149,13 @@ class TrustedExecutor:
           fn, self.model, self.plan, k, train))
     return self._jitted[(fn, k, train)]
 
-  def _lowrank(self, tag: int, s: _Step, k: int):
-    """Stage ``k``'s ``Y_L`` (overlap layout): the prefetched one, or computed now."""
-    if k not in s.yl:
-      if not st.split_convs(self.model, self.plan, k - 1):
-        return None
+  def _lowrank(self, s: _Step, k: int):
+    """Computes stage ``k``'s ``Y_L`` (and in training its VJP) ahead of its forward."""
+    if k not in s.yl and st.split_convs(self.model, self.plan, k - 1):
       s.yl[k], vjp = self._fn(k, s.train, _lowrank_fn)(s.early[k], s.priv[k])
       if vjp is not None:
         s.yl_vjps[k] = vjp
-    return s.yl[k]
+    return s.yl.get(k)
 
   def prefetch(self) -> int:
     """Computes the ``Y_L`` that the next forward calls will need (overlap).
@@ -170,7 +169,7 @@ class TrustedExecutor:
       s = self._steps.get(tag)
       if s is None or k in s.outputs or k not in s.priv:
         continue
-      yl = self._lowrank(tag, s, k)
+      yl = self._lowrank(s, k)
       if yl is not None:
         jax.block_until_ready(yl)
         done += 1
@@ -197,7 +196,7 @@ class TrustedExecutor:
     if self.overlap:
       s.early[k + 1] = params_k["next"]
       params_k = st.merge_boundary(params_k, s.early.get(k, {}))
-      yl = self._lowrank(tag, s, k)
+      yl = s.yl.get(k)  # prefetched; else the stage computes it (no extra program)
     res = self._call(self._fn(k, s.train), yr, params_k, stats_k, s.priv[k], s.batch, key,
                      yl)
     if s.train:
