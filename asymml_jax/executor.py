@@ -117,7 +117,7 @@ class TrustedExecutor:
     self.model, self.plan, self._key, self.overlap = model, plan, key, overlap
     self._steps: dict[int, _Step] = {}
     self._jitted: dict[tuple, Any] = {}
-    self._pending: list[tuple[int, int]] = []  # (tag, k) whose Y_L prefetch may run
+    self._pending: dict[int, int] = {}  # tag -> the stage whose Y_L a prefetch may compute
 
   # ------------------------------------------------------------------ steps
   def begin(self, tag: int, batch: Mapping[str, Any], *, train: bool) -> None:
@@ -132,6 +132,7 @@ class TrustedExecutor:
 
   def end(self, tag: int) -> None:
     self._steps.pop(int(tag), None)
+    self._pending.pop(int(tag), None)
 
   @property
   def open_steps(self) -> tuple[int, ...]:
@@ -163,9 +164,9 @@ class TrustedExecutor:
     Called by the enclave after a reply has gone out, while the accelerator
     works; blocks until they are computed.  Returns how many stages it served.
     """
-    pending, self._pending = self._pending, []
+    pending, self._pending = self._pending, {}
     done = 0
-    for tag, k in pending:
+    for tag, k in pending.items():
       s = self._steps.get(tag)
       if s is None or k in s.outputs or k not in s.priv:
         continue
@@ -197,8 +198,11 @@ class TrustedExecutor:
       s.early[k + 1] = params_k["next"]
       params_k = st.merge_boundary(params_k, s.early.get(k, {}))
       yl = s.yl.get(k)  # prefetched; else the stage computes it (no extra program)
+      if yl is None:
+        s.yl_vjps.pop(k, None)
     res = self._call(self._fn(k, s.train), yr, params_k, stats_k, s.priv[k], s.batch, key,
                      yl)
+    s.yl.pop(k, None)  # consumed (its VJP, if any, stays for the backward)
     if s.train:
       (rs, priv_out, loss), (new_stats, metrics), vjp = res
       s.vjps[k] = vjp
@@ -207,7 +211,7 @@ class TrustedExecutor:
     s.priv[k + 1] = priv_out
     s.outputs[k] = (rs, loss, metrics, new_stats)
     if self.overlap and k + 1 < self.model.num_stages:
-      self._pending.append((int(tag), k + 1))
+      self._pending[int(tag)] = k + 1  # one entry per open step: bounded without prefetch
     if not s.train and k == self.model.num_stages - 1:
       out = s.outputs[k]
       self.end(tag)

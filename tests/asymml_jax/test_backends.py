@@ -110,6 +110,7 @@ def test_local_backend_drops_step_state_and_rejects_bad_batches():
   m = be.evaluate(v["params"], v["batch_stats"], batch, 0)
   assert float(m["count"]) == 2.0
   assert be.executor.open_steps == ()
+  assert be.executor._pending == {}  # nothing kept per finished step (it never prefetches)
   bad = dict(batch, image=batch["image"][..., :1])
   with pytest.raises(ValueError, match=r"expects images of shape"):
     be.grads(v["params"], v["batch_stats"], bad, 8)
