@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -20,25 +20,36 @@ RANK = re.compile(r"^asymml_r(\d+)$")
 DP = re.compile(r"^asymml_dp_eps([0-9]*\.?[0-9]+)$")
 
 
-def parse_configs(text: str) -> tuple[str, ...]:
-  """``"dense,asymml_r2,asymml_dp_eps8"`` -> names, each checked; repeats refused."""
+def parse_names(text: str, flag: str, check: Callable[[str], None], what: str,
+                example: str) -> tuple[str, ...]:
+  """A comma list of names for ``--flag``: stripped, lower-cased, each passed to
+  ``check`` (which raises ``ValueError``); empty parts skipped, repeats refused."""
   out: list[str] = []
   for part in str(text).split(","):
     part = part.strip().lower()
     if not part:
       continue
-    m_rank, m_dp = RANK.match(part), DP.match(part)
-    ok = (part == "dense" or (m_rank and int(m_rank.group(1)) >= 1)
-          or (m_dp and float(m_dp.group(1)) > 0))
-    if not ok:
-      raise ValueError(f"--configs: unknown configuration {part!r}; use dense, "
-                       "asymml_r<k> (k >= 1) or asymml_dp_eps<e> (e > 0)")
+    check(part)
     if part in out:
-      raise ValueError(f"--configs: {part!r} is listed twice")
+      raise ValueError(f"--{flag}: {part!r} is listed twice")
     out.append(part)
   if not out:
-    raise ValueError(f"--configs: give at least one configuration (e.g. {DEFAULT_CONFIGS})")
+    raise ValueError(f"--{flag}: give at least one {what} (e.g. {example})")
   return tuple(out)
+
+
+def _check_config(part: str) -> None:
+  m_rank, m_dp = RANK.match(part), DP.match(part)
+  ok = (part == "dense" or (m_rank and int(m_rank.group(1)) >= 1)
+        or (m_dp and float(m_dp.group(1)) > 0))
+  if not ok:
+    raise ValueError(f"--configs: unknown configuration {part!r}; use dense, "
+                     "asymml_r<k> (k >= 1) or asymml_dp_eps<e> (e > 0)")
+
+
+def parse_configs(text: str) -> tuple[str, ...]:
+  """``"dense,asymml_r2,asymml_dp_eps8"`` -> names, each checked; repeats refused."""
+  return parse_names(text, "configs", _check_config, "configuration", DEFAULT_CONFIGS)
 
 
 def plot_grid(originals: np.ndarray, rows: Sequence[tuple[str, np.ndarray]], path: str, *,

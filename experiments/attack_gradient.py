@@ -108,7 +108,8 @@ from asymml_jax import train as train_lib
 from asymml_jax.evaluation import gradient_attack as ga
 from asymml_jax.evaluation import inversion
 from asymml_jax.models import get_model
-from experiments.attack_configs import DEFAULT_CONFIGS, DP_CONFIG_MODULE, parse_configs, plot_grid
+from experiments.attack_configs import (DEFAULT_CONFIGS, DP_CONFIG_MODULE, parse_configs,
+                                        parse_names, plot_grid)
 from experiments.attack_configs import DP as _DP
 from experiments.attack_configs import RANK as _RANK
 
@@ -190,21 +191,14 @@ class AttackSettings:
       raise ValueError(f"batch size {max(bs)} exceeds num_victim {self.num_victim}")
 
 
+def _check_channel(part: str) -> None:
+  if part not in ga.CHANNELS:
+    raise ValueError(f"--channels: unknown channel {part!r}; use {', '.join(ga.CHANNELS)}")
+
+
 def parse_channels(text: str) -> tuple[str, ...]:
   """``"weight_gradient,both"`` -> channel names, each checked; repeats refused."""
-  out: list[str] = []
-  for part in str(text).split(","):
-    part = part.strip().lower()
-    if not part:
-      continue
-    if part not in ga.CHANNELS:
-      raise ValueError(f"--channels: unknown channel {part!r}; use {', '.join(ga.CHANNELS)}")
-    if part in out:
-      raise ValueError(f"--channels: {part!r} is listed twice")
-    out.append(part)
-  if not out:
-    raise ValueError(f"--channels: give at least one channel (e.g. {DEFAULT_CHANNELS})")
-  return tuple(out)
+  return parse_names(text, "channels", _check_channel, "channel", DEFAULT_CHANNELS)
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
