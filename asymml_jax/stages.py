@@ -129,11 +129,16 @@ def boundary_params(model: StagedModel, plan: Plan, params: Tree, k: int) -> dic
   layout on the trusted side.
   """
   pk = stage_params(model, params, k)
-  early = {c.name for c in split_convs(model, plan, k - 1)}
-  convs = {name: {n: v for n, v in p.items() if not (name in early and n == "kernel")}
-           for name, p in pk["convs"].items()}
   nxt = {c.name: params["convs"][c.name]["kernel"] for c in split_convs(model, plan, k)}
-  return {"convs": convs, "stage": pk["stage"], "next": nxt}
+  return {"convs": _without_early_kernels(model, plan, k, pk["convs"]), "stage": pk["stage"],
+          "next": nxt}
+
+
+def _without_early_kernels(model: StagedModel, plan: Plan, k: int, convs: Mapping) -> dict:
+  """Group ``k-1``'s conv entries less the split kernels that travelled with stage ``k-1``."""
+  early = {c.name for c in split_convs(model, plan, k - 1)}
+  return {name: {n: v for n, v in p.items() if not (name in early and n == "kernel")}
+          for name, p in convs.items()}
 
 
 def merge_boundary(boundary_k: Mapping, early_kernels: Mapping) -> dict:
@@ -154,11 +159,10 @@ def split_boundary_grads(model: StagedModel, plan: Plan, k: int, dparams_k: Mapp
     kernels that stage ``k+1``'s backward produced) and the gradient of the
     kernels stage ``k-1``'s call carried, which stage ``k-1``'s backward returns.
   """
-  early = {c.name for c in split_convs(model, plan, k - 1)}
-  convs = {name: {n: v for n, v in p.items() if not (name in early and n == "kernel")}
-           for name, p in dparams_k["convs"].items()}
-  dearly = {name: dparams_k["convs"][name]["kernel"] for name in early}
-  return {"convs": convs, "stage": dparams_k["stage"], "next": dict(dnext)}, dearly
+  dearly = {c.name: dparams_k["convs"][c.name]["kernel"]
+            for c in split_convs(model, plan, k - 1)}
+  return ({"convs": _without_early_kernels(model, plan, k, dparams_k["convs"]),
+           "stage": dparams_k["stage"], "next": dict(dnext)}, dearly)
 
 
 def lowrank_outputs(model: StagedModel, plan: Plan, k: int, kernels: Mapping,
