@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from enclave_bridge import allocator
 from enclave_bridge import ledger as lg
 from enclave_bridge import protocol as pr
 from enclave_bridge.transport import Arena, Channel, ChannelClosed, receive, send_parts
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--threads", type=int, default=1)
   args = p.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  allocator.reuse_freed_memory()  # every backend alike: tee_only and enclave
   from enclave_bridge import seal
   try:
     key = seal.read_key_file(args.key)
