@@ -14,6 +14,15 @@ convolutions) the planner counts, for one forward pass over a batch:
 It picks the cheapest mode (trusted MACs) the privacy configuration allows; a
 site with ``r_max >= min(C, HW)`` runs fully trusted.  The same counts feed the
 benchmarks' "trusted MAC ratio" (dense MACs over trusted MACs).
+
+A training step adds the backward pass (:func:`site_train_costs`): a fully
+trusted conv's backward costs twice its forward (input and weight
+gradients); a split site's trusted share twice its low-rank convs and folds,
+once its projections (``U`` is a constant for autodiff) and, under gradient
+protection, the decomposition of every consumer's output gradient and the
+TEE's gradient shares (:func:`asymml_jax.roofline.gradient_protection_macs`).
+The formulas live in :mod:`asymml_jax.roofline`, which models every trusted
+stage with them.
 """
 
 from __future__ import annotations
@@ -21,18 +30,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+from asymml_jax import roofline
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.models.base import StagedModel
 from asymml_jax.privacy.config import PrivacyConfig
 
 MODES: tuple[str, ...] = ("dense", "trusted", "per_sample", "per_batch")
 SPLIT_MODES: tuple[str, ...] = ("per_sample", "per_batch")
-BYTES_PER_ELEMENT = 4
+BYTES_PER_ELEMENT = roofline.BYTES_PER_ELEMENT
 
 
 @dataclasses.dataclass(frozen=True)
 class SitePlan:
-  """The decision for one site, with its costs for one forward pass of a batch."""
+  """The decision for one site, with its costs for one forward pass of a batch.
+
+  ``*_train`` fields count one training step (forward and backward);
+  ``protection_macs`` is what gradient protection adds to
+  ``trusted_macs_train`` (counted only when the plan protects gradients).
+  """
 
   site: str
   index: int
@@ -46,6 +61,9 @@ class SitePlan:
   trusted_macs: int
   untrusted_macs: int
   bytes_across: int
+  dense_macs_train: int
+  trusted_macs_train: int
+  protection_macs: int
 
   @property
   def split(self) -> bool:
@@ -125,6 +143,24 @@ class Plan:
     """Fully-trusted MACs over this plan's trusted MACs (higher is better)."""
     return self.dense_macs / max(1, self.trusted_macs)
 
+  @property
+  def dense_macs_train(self) -> int:
+    """MACs of a fully trusted training step (forward and backward)."""
+    return sum(s.dense_macs_train for s in self.sites.values())
+
+  @property
+  def trusted_macs_train(self) -> int:
+    """Trusted MACs of a training step, gradient protection included when on."""
+    total = sum(s.trusted_macs_train for s in self.sites.values())
+    if self.protects_gradients:
+      total += sum(s.protection_macs for s in self.sites.values())
+    return total
+
+  @property
+  def trusted_mac_ratio_train(self) -> float:
+    """:attr:`trusted_mac_ratio` of a training step (forward and backward)."""
+    return self.dense_macs_train / max(1, self.trusted_macs_train)
+
   def mode(self, site: str) -> str:
     return self.sites[site].mode
 
@@ -144,6 +180,10 @@ class Plan:
         f"{self.untrusted_macs:>15,} {self.bytes_across:>13,}")
     lines.append(f"fully trusted MACs: {self.dense_macs:,}; trusted-MAC ratio "
                  f"(fully trusted / this plan): {self.trusted_mac_ratio:.2f}x")
+    lines.append(f"training step (forward + backward): trusted MACs "
+                 f"{self.trusted_macs_train:,} of {self.dense_macs_train:,}; trusted-MAC "
+                 f"ratio {self.trusted_mac_ratio_train:.2f}x "
+                 f"(forward {self.trusted_mac_ratio:.2f}x)")
     return "\n".join(lines)
 
   def to_dict(self) -> dict:
@@ -156,6 +196,9 @@ class Plan:
         "untrusted_macs": self.untrusted_macs,
         "bytes_across": self.bytes_across,
         "trusted_mac_ratio": self.trusted_mac_ratio,
+        "dense_macs_train": self.dense_macs_train,
+        "trusted_macs_train": self.trusted_macs_train,
+        "trusted_mac_ratio_train": self.trusted_mac_ratio_train,
         "privacy": dataclasses.asdict(self.privacy),
         "expected_batch_size": self.expected_batch_size,
         "releases_per_step": self.releases_per_step(),
@@ -176,12 +219,39 @@ def site_costs(model: StagedModel, site: str, mode: str, r: int, batch_size: int
   bytes_across = BYTES_PER_ELEMENT * batch_size * (hw * c + out_elems)
   if mode == "dense":
     return dense, 0, dense, bytes_across
-  decomp = batch_size * (2 * num_iters + 4) * hw * c * r
-  lowrank = batch_size * sum(cv.macs(h, w, in_channels=r) for cv in convs)
-  fold_one = sum(cv.kernel_size[0] * cv.kernel_size[1] * c * r * cv.features
-                 for cv in convs)
-  folds = fold_one * (batch_size if mode == "per_sample" else 1)
-  return dense, decomp + lowrank + folds, dense, bytes_across
+  decomp = (roofline.decomposition_macs(h, w, c, r, num_iters, batch_size, mode)
+            + roofline.projection_macs(h, w, c, r, batch_size))
+  return dense, decomp + _lowrank_and_folds(model, site, mode, r, batch_size), dense, bytes_across
+
+
+def _lowrank_and_folds(model: StagedModel, site: str, mode: str, r: int,
+                       batch_size: int) -> int:
+  """MACs of a split site's low-rank convs ``conv(P, W')`` and kernel folds."""
+  h, w, _ = model.site_shapes[site]
+  return sum(batch_size * cv.macs(h, w, in_channels=r)
+             + roofline.fold_macs(cv, r, batch_size, mode) for cv in model.consumers(site))
+
+
+def site_train_costs(model: StagedModel, site: str, mode: str, r: int, batch_size: int,
+                     decomposition: DecompositionConfig) -> tuple[int, int, int]:
+  """``(dense, trusted, protection)`` MACs of one site in one training step.
+
+  Backward: twice the forward for a conv (input and weight gradients), once
+  for the projections; ``protection`` is the extra trusted work of gradient
+  protection (see the module docstring), zero unless split.
+  """
+  dense, trusted, _, _ = site_costs(model, site, mode, r, batch_size, decomposition.num_iters)
+  bwd = roofline.BACKWARD_FACTOR
+  if mode not in SPLIT_MODES:
+    return (1 + bwd) * dense, (1 + bwd) * trusted, 0
+  h, w, c = model.site_shapes[site]
+  backward = (bwd * _lowrank_and_folds(model, site, mode, r, batch_size)
+              + roofline.projection_macs(h, w, c, r, batch_size))
+  protection = sum(
+      roofline.gradient_protection_macs(cv, h, w, decomposition.r_max(cv.features),
+                                        decomposition.num_iters, batch_size)
+      for cv in model.consumers(site))
+  return (1 + bwd) * dense, trusted + backward, protection
 
 
 def make_plan(model: StagedModel, batch_size: int,
@@ -233,9 +303,12 @@ def make_plan(model: StagedModel, batch_size: int,
           model, site, m, r, batch_size, decomposition.num_iters)[1])
     dense, trusted, untrusted, nbytes = site_costs(
         model, site, mode, r, batch_size, decomposition.num_iters)
+    dense_t, trusted_t, protection = site_train_costs(model, site, mode, r, batch_size,
+                                                      decomposition)
     sites[site] = SitePlan(
         site=site, index=index, mode=mode, r_max=r, height=h, width=w, channels=c,
         consumers=tuple(cv.name for cv in model.consumers(site)), dense_macs=dense,
-        trusted_macs=trusted, untrusted_macs=untrusted, bytes_across=nbytes)
+        trusted_macs=trusted, untrusted_macs=untrusted, bytes_across=nbytes,
+        dense_macs_train=dense_t, trusted_macs_train=trusted_t, protection_macs=protection)
   return Plan(model=model.name, batch_size=batch_size, decomposition=decomposition,
               sites=sites, privacy=privacy, expected_batch_size=expected_batch_size)

@@ -29,8 +29,17 @@ bridge's counters, into
 The same split is kept per trusted stage (``"forward/3"``, ``"backward/3"``)
 for the per-layer breakdown.  It also reads the enclave process's peak
 resident memory (``VmHWM``: the EPC budget matters on real SGX) and puts the
-planner's trusted-MAC ratio (forward pass, :meth:`asymml_jax.plan.Plan.trusted_mac_ratio`)
+planner's trusted-MAC ratios (forward pass and training step,
+:attr:`asymml_jax.plan.Plan.trusted_mac_ratio`, ``trusted_mac_ratio_train``)
 next to the measured trusted-time ratio.
+
+Roofline (``roofline=True``): before the backends run, a short subprocess with
+the enclave's environment, pinned to the enclave's cores, measures the peak
+matmul MAC rate and streaming bandwidth (:func:`asymml_jax.roofline.measure_peaks`,
+``report["machine"]["peaks"]``); every backend with per-stage figures then gets
+``"roofline"``: each trusted stage's modelled MACs and bytes
+(:func:`asymml_jax.roofline.stage_costs`), its time at the peaks, the measured
+trusted compute and their ratio (efficiency), and the same for the whole step.
 
 Pinning (``pin=True``): the enclave process's threads go to one set of cores
 and this (untrusted) process's threads to the others, so the two sides do not
@@ -40,9 +49,11 @@ share a core; on a 2-core machine, one core each.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -51,12 +62,14 @@ import jax
 import numpy as np
 
 from asymml_jax import backends as bk
+from asymml_jax import roofline
 from asymml_jax.baselines import slalom as _slalom  # noqa: F401  (registers ``slalom``)
 from asymml_jax.decomposition import SCOPES, DecompositionConfig
 from asymml_jax.models import get_model
 from asymml_jax.models.base import StagedModel
 
 import enclave_bridge  # registers the process backends
+from enclave_bridge import launcher
 
 MODES = ("train", "infer")
 PROCESS_BACKENDS = bk.PROCESS_BACKENDS
@@ -87,6 +100,8 @@ class BenchmarkSettings:
     enclave_threads: XLA threads in the enclave process.
     untrusted_device: ``cpu``, ``gpu`` or ``tpu`` for the untrusted program.
     seed: weights and synthetic images.
+    roofline: measure the enclave core's peaks and report every trusted
+      stage against its roofline time.
   """
 
   mode: str = "train"
@@ -110,6 +125,7 @@ class BenchmarkSettings:
   enclave_threads: int = 1
   untrusted_device: str = "cpu"
   seed: int = 0
+  roofline: bool = True
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -139,6 +155,8 @@ class BenchmarkSettings:
       raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
     if not 0 < self.width <= 4:
       raise ValueError(f"width must be in (0, 4], got {self.width}")
+    if not isinstance(self.roofline, bool):
+      raise ValueError(f"roofline must be a bool, got {self.roofline!r}")
     if self.scope not in SCOPES:
       raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
     bk.untrusted_device(self.untrusted_device)  # a clear error if it is absent
@@ -359,6 +377,55 @@ def bridge_figures(result: Mapping[str, Any]) -> dict[str, float] | None:
           "fixed_overhead_us_per_call": 1e6 * med["waiting_s"] / med["bridge_calls"]}
 
 
+# ------------------------------------------------------------------ roofline
+PEAKS_TIMEOUT_S = 120.0
+
+
+def measure_enclave_peaks(threads: int, cores: set[int] | None,
+                          log: Callable[[str], None] = print) -> dict[str, Any] | None:
+  """:class:`asymml_jax.roofline.Peaks` as the enclave would see them, or ``None``.
+
+  Runs ``python -m asymml_jax.roofline`` in the environment the enclave server
+  gets (:func:`enclave_bridge.launcher.server_env`: CPU only, its thread
+  settings), pinned to ``cores`` when given (the enclave's), else with this
+  process's affinity.
+  """
+  spec = launcher.EnclaveSpec(socket_path="peaks.sock", sealed_path="-", key_path="-",
+                              workdir=tempfile.gettempdir(), threads=threads)
+  argv = [spec.python, "-m", "asymml_jax.roofline"]
+  if cores:
+    argv.append("--cores=" + ",".join(str(c) for c in sorted(cores)))
+  try:
+    res = subprocess.run(argv, env=launcher.server_env(spec), capture_output=True, text=True,
+                         timeout=PEAKS_TIMEOUT_S, check=True)
+    peaks = roofline.Peaks.from_dict(json.loads(res.stdout.strip().splitlines()[-1]))
+  except (subprocess.SubprocessError, OSError, ValueError, KeyError, IndexError) as e:
+    tail = (getattr(e, "stderr", None) or "").strip().splitlines()[-1:]
+    log(f"roofline: measuring the peaks failed ({e}{'; ' + tail[0] if tail else ''}); "
+        "no roofline figures")
+    return None
+  log(f"roofline peaks (enclave environment, cores {sorted(cores) if cores else 'unpinned'}): "
+      f"{peaks.matmul_macs_per_s / 1e9:.1f} GMAC/s matmul, "
+      f"{peaks.stream_bytes_per_s / 1e9:.1f} GB/s stream")
+  return {**peaks.to_dict(), "cores": sorted(cores) if cores else None, "threads": threads}
+
+
+def roofline_figures(model: StagedModel, settings: BenchmarkSettings, result: Mapping[str, Any],
+                     peaks: Mapping[str, Any] | None) -> dict[str, Any] | None:
+  """Modelled cost and roofline time of every trusted stage of one backend row,
+  against its measured trusted compute (:func:`asymml_jax.roofline.compare`)."""
+  measured = result["stages"]
+  if not measured or peaks is None:
+    return None
+  plan = bk.make_plan_for(result["backend"], model, settings.batch_size,
+                          settings.decomposition)
+  costs = roofline.stage_costs(model, plan, settings.batch_size, settings.mode == "train",
+                               whole_step="whole_step/0" in measured)
+  return roofline.compare(costs, roofline.Peaks.from_dict(peaks),
+                          {k: v["trusted_compute_s"] for k, v in measured.items()},
+                          result["median"]["trusted_compute_s"])
+
+
 # ------------------------------------------------------------------ the run
 def run(settings: BenchmarkSettings, *, workdir: str | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -369,10 +436,12 @@ def run(settings: BenchmarkSettings, *, workdir: str | None = None,
     cores = split_cores(available_cores())
     pin_process(os.getpid(), cores[1])
     log(f"pinned: enclave on cores {sorted(cores[0])}, untrusted on {sorted(cores[1])}")
+  peaks = (measure_enclave_peaks(settings.enclave_threads, cores[0] if cores else None, log)
+           if settings.roofline else None)
   report: dict[str, Any] = {"settings": {**dataclasses.asdict(settings),
                                          "models": list(settings.models),
                                          "backends": list(settings.backends)},
-                            "machine": machine_info(), "models": {}}
+                            "machine": {**machine_info(), "peaks": peaks}, "models": {}}
   own_tmp = workdir is None
   workdir = workdir or tempfile.mkdtemp(prefix="asymml-bench-")
   try:
@@ -393,8 +462,10 @@ def run(settings: BenchmarkSettings, *, workdir: str | None = None,
         r["ratio_wall_vs_tee_only"] = base["wall_s"] / med["wall_s"]
         r["ratio_trusted_vs_tee_only"] = (base["trusted_compute_s"] / med["trusted_compute_s"]
                                           if med["trusted_compute_s"] > 0 else None)
+        r["roofline"] = roofline_figures(model, settings, r, peaks)
       report["models"][mname] = {
           "plan": {"trusted_mac_ratio_forward": plan.trusted_mac_ratio,
+                   "trusted_mac_ratio_train": plan.trusted_mac_ratio_train,
                    "trusted_macs": plan.trusted_macs, "dense_macs": plan.dense_macs,
                    "bytes_across": plan.bytes_across,
                    "modes": {s: p.mode for s, p in plan.sites.items()}},
@@ -436,54 +507,139 @@ def format_table(report: Mapping[str, Any]) -> str:
           f"{r['ratio_wall_vs_tee_only']:>7.2f}x{(f'{rt:.2f}x' if rt else '-'):>8}"
           f"{(f'{peak / 2**20:.0f}' if peak else '-'):>9}")
     p = m["plan"]
+    train_ratio = p.get("trusted_mac_ratio_train")
     lines.append(f"{mname:<9}planner trusted-MAC ratio (forward): "
-                 f"{p['trusted_mac_ratio_forward']:.2f}x")
+                 f"{p['trusted_mac_ratio_forward']:.2f}x"
+                 + (f", (training step): {train_ratio:.2f}x" if train_ratio else ""))
     b = m.get("bridge")
     if b:
       lines.append(f"{mname:<9}bridge: payloads {b['throughput_gb_s']:.2f} GB/s "
                    f"({b['residual_bytes_per_step'] / 1e6:.1f} of {b['bytes_per_step'] / 1e6:.1f} "
                    "MB per step residuals), "
                    f"fixed overhead {b['fixed_overhead_us_per_call']:.0f} us per call")
+  lines += roofline_table(report)
   return "\n".join(lines)
 
 
+def _fmt(value: float | None, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def roofline_table(report: Mapping[str, Any]) -> list[str]:
+  """Lines of the roofline table: one per trusted stage and a whole-step line per backend."""
+  peaks = report["machine"].get("peaks")
+  if not peaks:
+    return []
+  head = (f"{'model':<9}{'backend':<10}{'stage':<14}{'MMACs':>10}{'MB':>9}"
+          f"{'roofline ms':>12}{'measured ms':>12}{'effic.':>8}")
+  lines = ["", f"roofline: {peaks['matmul_macs_per_s'] / 1e9:.1f} GMAC/s matmul, "
+           f"{peaks['stream_bytes_per_s'] / 1e9:.1f} GB/s stream (enclave environment, "
+           f"cores {peaks.get('cores') or 'unpinned'}); efficiency = roofline / measured",
+           head, "-" * len(head)]
+  for mname, m in report["models"].items():
+    for name, r in m["backends"].items():
+      roof = r.get("roofline")
+      if not roof:
+        continue
+      for key, st in [*roof["stages"].items(), ("whole step", roof["whole_step"])]:
+        got = st["trusted_compute_s"]
+        lines.append(f"{mname:<9}{name:<10}{key:<14}{st['macs'] / 1e6:>10.1f}"
+                     f"{st['bytes'] / 1e6:>9.2f}{st['roofline_s'] * 1e3:>12.3f}"
+                     f"{_fmt(None if got is None else got * 1e3, '.3f'):>12}"
+                     f"{_fmt(st['efficiency'], '.1%'):>8}")
+  return lines
+
+
+ROOFLINE_BACKENDS = ("enclave", RATIO_BASELINE)
+
+
+def _roofline_bars(report: Mapping[str, Any], mname: str
+                   ) -> tuple[list[str], list[float], list[float]]:
+  """``(labels, measured s, roofline s)`` of the trusted stages of :data:`ROOFLINE_BACKENDS`."""
+  rows = report["models"][mname]["backends"]
+  labels, measured, roof = [], [], []
+  for name in ROOFLINE_BACKENDS:
+    figures = (rows.get(name) or {}).get("roofline")
+    for key, st in (figures or {}).get("stages", {}).items():
+      labels.append(f"{name} {key}")
+      measured.append(st["trusted_compute_s"] or 0.0)
+      roof.append(st["roofline_s"])
+  return labels, measured, roof
+
+
 def plot(report: Mapping[str, Any], path: str) -> None:
-  """Stacked bars of the breakdown per backend, one panel per model (PNG)."""
+  """Stacked bars of the breakdown per backend, one panel per model (PNG).
+
+  With roofline figures, a second row: measured trusted compute against the
+  roofline time of every trusted stage of ``enclave`` and ``tee_only``.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   models = list(report["models"])
-  fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4), squeeze=False)
-  colours = {"trusted_compute_s": "#c0392b", "untrusted_compute_s": "#2980b9",
-             "transfer_s": "#f39c12", "waiting_s": "#7f8c8d"}
-  for ax, mname in zip(axes[0], models):
-    rows = report["models"][mname]["backends"]
-    names = list(rows)
-    x = np.arange(len(names))  # numeric positions: the overlap bars sit between them
-    bottom = np.zeros(len(names))
-    overlap = np.array([rows[n]["median"].get("overlap_s", 0.0) for n in names])
-    for key in BREAKDOWN_KEYS:
-      vals = np.array([rows[n]["median"][key] for n in names])
-      label = key.replace("_s", "").replace("_", " ")
-      if key == "trusted_compute_s":  # on the critical path; the overlapped part beside
-        vals, label = vals - overlap, "trusted compute (critical path)"
-      ax.bar(x, vals, bottom=bottom, color=colours[key], label=label)
-      bottom += vals
-    shown = overlap > 0
-    if shown.any():  # beside its bar (bars span +-0.4): it ran during the untrusted compute
-      ax.bar(x[shown] + 0.48, overlap[shown], width=0.12, color="#f5b7b1",
-             edgecolor=colours["trusted_compute_s"], hatch="///",
-             label="trusted, overlapped with untrusted")
-    for i, n in enumerate(names):
-      ax.text(i, bottom[i], f"{rows[n]['ratio_wall_vs_tee_only']:.1f}x", ha="center",
-              va="bottom", fontsize=9)
-    ax.set_xticks(x, names)
-    ax.set_title(f"{mname} ({report['settings']['mode']}, "
-                 f"plan {report['models'][mname]['plan']['trusted_mac_ratio_forward']:.1f}x)")
-    ax.set_ylabel("seconds per step (median)")
+  bars = max(len(_roofline_bars(report, m)[0]) for m in models)
+  nrows = 2 if bars else 1
+  fig, axes = plt.subplots(nrows, len(models), squeeze=False,
+                           figsize=(max(4.5, 0.22 * bars) * len(models), 4 * nrows))
+  for col, mname in enumerate(models):
+    _breakdown_panel(axes[0][col], report, mname)
+    if nrows == 2:
+      _roofline_panel(axes[1][col], report, mname)
   axes[0][0].legend(fontsize=8)
   fig.suptitle("time per step; label: speed-up over tee_only (same run)", fontsize=10)
   fig.tight_layout()
+  try:
+    _save_atomic(fig, path)
+  finally:
+    plt.close(fig)
+
+
+def _breakdown_panel(ax, report: Mapping[str, Any], mname: str) -> None:
+  """One model's stacked breakdown bars, overlap beside, speed-up labels."""
+  colours = {"trusted_compute_s": "#c0392b", "untrusted_compute_s": "#2980b9",
+             "transfer_s": "#f39c12", "waiting_s": "#7f8c8d"}
+  rows = report["models"][mname]["backends"]
+  names = list(rows)
+  x = np.arange(len(names))  # numeric positions: the overlap bars sit between them
+  bottom = np.zeros(len(names))
+  overlap = np.array([rows[n]["median"].get("overlap_s", 0.0) for n in names])
+  for key in BREAKDOWN_KEYS:
+    vals = np.array([rows[n]["median"][key] for n in names])
+    label = key.replace("_s", "").replace("_", " ")
+    if key == "trusted_compute_s":  # on the critical path; the overlapped part beside
+      vals, label = vals - overlap, "trusted compute (critical path)"
+    ax.bar(x, vals, bottom=bottom, color=colours[key], label=label)
+    bottom += vals
+  shown = overlap > 0
+  if shown.any():  # beside its bar (bars span +-0.4): it ran during the untrusted compute
+    ax.bar(x[shown] + 0.48, overlap[shown], width=0.12, color="#f5b7b1",
+           edgecolor=colours["trusted_compute_s"], hatch="///",
+           label="trusted, overlapped with untrusted")
+  for i, n in enumerate(names):
+    ax.text(i, bottom[i], f"{rows[n]['ratio_wall_vs_tee_only']:.1f}x", ha="center",
+            va="bottom", fontsize=9)
+  ax.set_xticks(x, names)
+  ax.set_title(f"{mname} ({report['settings']['mode']}, "
+               f"plan {report['models'][mname]['plan']['trusted_mac_ratio_forward']:.1f}x)")
+  ax.set_ylabel("seconds per step (median)")
+
+
+def _roofline_panel(ax, report: Mapping[str, Any], mname: str) -> None:
+  """Measured against roofline time per trusted stage (log scale)."""
+  labels, measured, roof = _roofline_bars(report, mname)
+  x = np.arange(len(labels))
+  ax.bar(x - 0.2, measured, width=0.4, color="#c0392b", label="measured trusted compute")
+  ax.bar(x + 0.2, roof, width=0.4, color="#27ae60", label="roofline (peaks of enclave core)")
+  if any(v > 0 for v in measured + roof):
+    ax.set_yscale("log")
+  ax.set_xticks(x, labels, rotation=90, fontsize=6)
+  ax.set_ylabel("seconds per stage call")
+  ax.set_title(f"{mname}: trusted stages vs roofline", fontsize=9)
+  ax.legend(fontsize=7)
+
+
+def _save_atomic(fig, path: str) -> None:
+  """Writes ``fig`` as PNG to a temporary file next to ``path``, then renames it."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
@@ -492,6 +648,5 @@ def plot(report: Mapping[str, Any], path: str) -> None:
     fig.savefig(tmp, format="png", dpi=110)
     os.replace(tmp, path)
   finally:
-    plt.close(fig)
     if os.path.exists(tmp):
       os.remove(tmp)

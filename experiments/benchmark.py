@@ -12,8 +12,11 @@ run (warm-up excluded, ``--repeats`` timed repetitions, medians); the report
 gives each backend's step time split into trusted compute, untrusted compute,
 transfer and waiting, the speed-up over ``tee_only`` measured in the same run
 (wall time and trusted-process compute time), the enclave's peak memory, the
-planner's trusted-MAC ratio next to the measured trusted-time ratio, and the
-bridge's residual throughput and fixed per-call overhead.  The library is
+planner's trusted-MAC ratios (forward, training step) next to the measured
+trusted-time ratio, the bridge's residual throughput and fixed per-call
+overhead and (``--roofline``, on by default) every trusted stage's modelled
+MACs and bytes, its time at the peaks measured on the enclave's core, the
+measured time and their ratio, in the table, the JSON and a second plot row.  The library is
 :mod:`enclave_bridge.benchmark`; this script parses flags and writes
 ``--json`` and ``--plot`` (defaults under ``runs/benchmark/``).
 """
@@ -27,6 +30,7 @@ from absl import app
 from absl import flags
 
 from asymml_jax.train import write_json_atomic
+from enclave_bridge import allocator
 from enclave_bridge import benchmark
 
 _MODE = flags.DEFINE_enum("mode", "train", list(benchmark.MODES), "train or infer.")
@@ -38,7 +42,7 @@ _BACKENDS = flags.DEFINE_list("backends", None,
                               "Backends, tee_only included (ratios are against it); default "
                               "tee_only,enclave,dense, plus slalom for --mode=infer.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per backend.")
-_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed repetitions first.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel width multiplier.")
 _RANK = flags.DEFINE_float("rank_fraction", 1.0 / 16.0, "r_max / C.")
 _ITERS = flags.DEFINE_integer("num_iters", 2, "Subspace iterations.")
@@ -49,6 +53,9 @@ _THREADS = flags.DEFINE_integer("enclave_threads", 1, "XLA threads in the enclav
 _DEVICE = flags.DEFINE_enum("untrusted_device", "cpu", ["cpu", "gpu", "tpu"],
                             "Device of the untrusted program.")
 _SEED = flags.DEFINE_integer("seed", 0, "Weights and synthetic images.")
+_ROOFLINE = flags.DEFINE_bool("roofline", True,
+                              "Measure the enclave core's matmul and stream peaks and report "
+                              "every trusted stage against its roofline time.")
 _JSON = flags.DEFINE_string("json", None, "JSON report (default runs/benchmark/<mode>.json).")
 _PLOT = flags.DEFINE_string("plot", None, "PNG plot (default next to the JSON).")
 
@@ -64,11 +71,14 @@ def main(argv: Sequence[str]) -> None:
         repeats=_REPEATS.value, warmup=_WARMUP.value, width=_WIDTH.value,
         rank_fraction=_RANK.value, num_iters=_ITERS.value, scope=_SCOPE.value,
         pin=_PIN.value, enclave_threads=_THREADS.value, untrusted_device=_DEVICE.value,
-        seed=_SEED.value)
+        seed=_SEED.value, roofline=_ROOFLINE.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   json_path = _JSON.value or os.path.join("runs", "benchmark", f"{settings.mode}.json")
   plot_path = _PLOT.value or os.path.splitext(json_path)[0] + ".png"
+  # The driver reuses freed memory too (as the enclave server does): the
+  # untrusted side of every backend gets the same allocator.
+  allocator.reuse_freed_memory()
   report = benchmark.run(settings, log=lambda s: print(s, flush=True))
   write_json_atomic(json_path, report)
   benchmark.plot(report, plot_path)

@@ -113,17 +113,56 @@ def trusted_gradient_shares(r: jax.Array, kernel: jax.Array, p: jax.Array, q: ja
   Returns:
     ``(dR (B, H, W, C), dW (kh, kw, C, Cout))``.
   """
-  folded = jnp.einsum("hwco,bor->bhwcr", kernel, q, precision=jax.lax.Precision.HIGHEST)
-
-  def one(r1, k1, p1):
-    _, vjp = jax.vjp(lambda x, k: ops.conv(x[None], k, spec.strides, spec.padding)[0],
-                     r1, k1)
-    return vjp(p1)
-
-  dr, dfolded = jax.vmap(one)(r, folded.astype(r.dtype), p.astype(r.dtype))
+  folded = jnp.einsum("hwco,bor->bhwcr", kernel, q,
+                      precision=jax.lax.Precision.HIGHEST).astype(r.dtype)
+  p = p.astype(r.dtype)
+  if _unit_stride(spec):
+    dr, dfolded = _unit_stride_shares(r, folded, p, spec)
+  else:
+    def one(r1, k1, p1):
+      _, vjp = jax.vjp(lambda x, k: ops.conv(x[None], k, spec.strides, spec.padding)[0],
+                       r1, k1)
+      return vjp(p1)
+    dr, dfolded = jax.vmap(one)(r, folded, p)
   dw = jnp.einsum("bhwcr,bor->hwco", dfolded, q.astype(dfolded.dtype),
                   precision=jax.lax.Precision.HIGHEST)
   return dr, dw.astype(kernel.dtype)
+
+
+def _unit_stride(spec: ops.ConvSpec) -> bool:
+  """Stride 1 with padding in ``[0, k - 1]`` on every side (a plain transposed conv)."""
+  (pt, pb), (pl, pr) = spec.padding
+  kh, kw = spec.kernel_size
+  return spec.strides == (1, 1) and all(0 <= v < kh for v in (pt, pb)) and all(
+      0 <= v < kw for v in (pl, pr))
+
+
+def _unit_stride_shares(r: jax.Array, folded: jax.Array, p: jax.Array,
+                        spec: ops.ConvSpec) -> tuple[jax.Array, jax.Array]:
+  """``conv^T(P, W Q)`` and ``corr(R, P)`` per sample as batched matrix products.
+
+  The transposed convolution is the per-sample convolution of ``P`` with the
+  flipped kernel (input and output channels swapped) and the complementary
+  padding.  The correlation ``sum_y R_pad[y] P[y - t]`` over the padded grid
+  is one ``(kh kw r) x C`` product of ``P``'s shifted patches with ``R_pad``.
+  (A vmapped per-sample VJP becomes grouped convolutions, which XLA CPU runs
+  far below its dense speed.)
+  """
+  (pt, pb), (pl, pr) = spec.padding
+  kh, kw = spec.kernel_size
+  b, _, _, c = r.shape
+  ho, wo, rank = p.shape[1:]
+  flipped = jnp.swapaxes(folded[:, ::-1, ::-1], 3, 4)  # (B, kh, kw, r, C)
+  dr = ops.per_sample_conv(p, flipped, (1, 1),
+                           ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+  rp = jnp.pad(r, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  hp, wp = rp.shape[1:3]
+  pp = jnp.pad(p, ((0, 0), (kh - 1, hp - ho), (kw - 1, wp - wo), (0, 0)))
+  patches = ops.shifted_patches(pp, (kh, kw), (1, 1), ((0, 0), (0, 0)))  # tap (kh-1-i, kw-1-j)
+  corr = jnp.einsum("bnk,bnc->bkc", patches.reshape(b, hp * wp, kh * kw * rank),
+                    rp.reshape(b, hp * wp, c), precision=jax.lax.Precision.HIGHEST)
+  corr = corr.reshape(b, kh, kw, rank, c)[:, ::-1, ::-1]
+  return dr, jnp.swapaxes(corr, 3, 4)  # (B, kh, kw, C, r)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

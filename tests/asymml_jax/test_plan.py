@@ -70,6 +70,18 @@ def vgg16_224():
 # ----------------------------------------------------------------------------
 
 
+def _subspace(hw: int, c: int, r: int, batch: int, per_batch: bool = False) -> int:
+  """The subspace estimate's MACs, restated: ``2 n_iter + 2 = 6`` thin products of
+  ``r + 2`` columns over the (strided, at most ~32 C rows) pixel sample, or the
+  ``C x C`` Gram of a tall sample plus 3 products with it."""
+  rows = hw * (batch if per_batch else 1)
+  stride = -(-rows // (32 * c))
+  n = -(-rows // stride) if stride >= 2 else rows
+  k = min(c, r + 2)
+  one = n * c * c + 3 * c * c * k if n >= 16 * c else 6 * n * c * k
+  return one * (1 if per_batch else batch)
+
+
 def test_vgg11_site_costs_by_hand(vgg11_32):
   # vgg11 at 32x32: conv0 (3->64) then a 2x2 max pool, so site s1 is
   # 16x16x64, read by conv1 (3x3, pad 1, 64->128, HW_out = 256).
@@ -83,21 +95,21 @@ def test_vgg11_site_costs_by_hand(vgg11_32):
   #   bytes     = 4 * 2 * (256*64 + 256*128)       = 393,216
   assert vgg11_32.site_shapes["s1"] == (16, 16, 64)
   dense = 2 * 256 * 9 * 64 * 128
-  decomp = 2 * 8 * 256 * 64 * 4
+  decomp = _subspace(256, 64, 4, 2) + 2 * 2 * 256 * 64 * 4  # estimate, P and R
   lowrank = 2 * 256 * 9 * 4 * 128
   fold = 9 * 64 * 4 * 128
   nbytes = 4 * 2 * (256 * 64 + 256 * 128)
   assert (dense, decomp + lowrank + 2 * fold, decomp + lowrank + fold, nbytes) == (
-      37_748_736, 3_997_696, 3_702_784, 393_216)
+      37_748_736, 4_390_912, 4_096_000, 393_216)
 
   ps = plan_lib.make_plan(vgg11_32, 2, DECOMP).sites["s1"]
   assert (ps.mode, ps.r_max, ps.consumers) == ("per_sample", 4, ("conv1",))
   assert (ps.dense_macs, ps.trusted_macs, ps.untrusted_macs, ps.bytes_across) == (
-      37_748_736, 3_997_696, 37_748_736, 393_216)
+      37_748_736, 4_390_912, 37_748_736, 393_216)
 
   pb = plan_lib.make_plan(vgg11_32, 2, DECOMP_PB).sites["s1"]
   assert (pb.mode, pb.dense_macs, pb.trusted_macs, pb.untrusted_macs,
-          pb.bytes_across) == ("per_batch", 37_748_736, 3_702_784, 37_748_736,
+          pb.bytes_across) == ("per_batch", 37_748_736, 4_096_000, 37_748_736,
                                393_216)
 
   forced = plan_lib.make_plan(vgg11_32, 2, DECOMP, force="trusted").sites["s1"]
@@ -106,6 +118,53 @@ def test_vgg11_site_costs_by_hand(vgg11_32):
   dense_site = plan_lib.make_plan(vgg11_32, 2, DECOMP, force="dense").sites["s1"]
   assert (dense_site.trusted_macs, dense_site.untrusted_macs,
           dense_site.bytes_across) == (0, 37_748_736, 393_216)
+
+
+def test_vgg11_training_costs_by_hand(vgg11_32):
+  # Site s1 as above (B = 2, r = 4, n = 2), per sample, one training step:
+  #   forward trusted = 3,997,696 (above); projections 2 * 2*256*64*4 = 262,144
+  #   backward        = 2 * (lowrank 2,359,296 + folds 589,824) + projections 262,144
+  #                   = 6,160,384, so trusted = 10,158,080; dense = 3 * 37,748,736
+  # Gradient protection of conv1's 16x16x128 output gradient (r = ceil(128/16) = 8):
+  #   per sample 8*256*128*8 (decomposition, 2n + 4 = 8) + 2 * 9*64*128*8 (fold
+  #   W Q and corr(R, P) Q^T) + 2 * 256*9*64*8 (conv^T(P, W Q), corr(R, P))
+  #   = 2,097,152 + 1,179,648 + 2,359,296 = 5,636,096, times B = 11,272,192.
+  assert (2 * 2 * 256 * 64 * 4, 4_390_912 + 2 * (2 * 256 * 9 * 4 * 128 + 2 * 9 * 64 * 4 * 128)
+          + 262_144) == (262_144, 10_551_296)
+  protection = (_subspace(256, 128, 8, 2) + 2 * 2 * 256 * 128 * 8
+                + 2 * (2 * 9 * 64 * 128 * 8 + 2 * 256 * 9 * 64 * 8))
+  assert protection == 12_058_624
+  ps = plan_lib.make_plan(vgg11_32, 2, DECOMP).sites["s1"]
+  assert (ps.dense_macs_train, ps.trusted_macs_train, ps.protection_macs) == (
+      3 * 37_748_736, 10_551_296, 12_058_624)
+  forced = plan_lib.make_plan(vgg11_32, 2, DECOMP, force="trusted").sites["s1"]
+  assert (forced.trusted_macs_train, forced.protection_macs) == (3 * 37_748_736, 0)
+  dense_site = plan_lib.make_plan(vgg11_32, 2, DECOMP, force="dense").sites["s1"]
+  assert (dense_site.trusted_macs_train, dense_site.dense_macs_train) == (0, 3 * 37_748_736)
+
+
+def test_training_ratio_counts_gradient_protection(vgg16_32):
+  from asymml_jax.privacy.config import PrivacyConfig
+  off = plan_lib.make_plan(vgg16_32, 32, DECOMP,
+                           privacy=PrivacyConfig(gradient_protection="none"))
+  on = plan_lib.make_plan(vgg16_32, 32, DECOMP,
+                          privacy=PrivacyConfig(gradient_protection="decompose"))
+  assert not off.protects_gradients and on.protects_gradients
+  assert off.dense_macs_train == on.dense_macs_train == 3 * off.dense_macs
+  assert off.trusted_macs_train == sum(s.trusted_macs_train for s in off.sites.values())
+  assert on.trusted_macs_train == off.trusted_macs_train + sum(
+      s.protection_macs for s in on.sites.values())
+  # Protection costs the TEE extra backward work: a lower training ratio, and
+  # here lower than the forward ratio; without it the backward of a split site
+  # is cheap (no subspace estimate), so its training ratio beats the forward's.
+  assert 1.0 < on.trusted_mac_ratio_train < off.trusted_mac_ratio_train
+  assert on.trusted_mac_ratio_train < on.trusted_mac_ratio
+  split_only = plan_lib.make_plan(vgg16_32, 32, DECOMP, force="per_sample",
+                                  privacy=PrivacyConfig(gradient_protection="none"))
+  s1 = split_only.sites["s1"]
+  assert s1.dense_macs_train / s1.trusted_macs_train > s1.dense_macs / s1.trusted_macs
+  tee = plan_lib.make_plan(vgg16_32, 32, DECOMP, force="trusted")
+  assert tee.trusted_mac_ratio_train == pytest.approx(1.0)
 
 
 def test_two_consumer_site_costs_by_hand():
@@ -126,8 +185,8 @@ def test_two_consumer_site_costs_by_hand():
   assert (s.mode, s.r_max) == ("per_sample", 1)
   assert s.dense_macs == 256 * 9 * 16 * 32 + 256 * 16 * 32 == 1_310_720
   assert s.untrusted_macs == 1_310_720
-  assert s.trusted_macs == (8 * 1024 * 16 + 256 * 9 * 32 + 256 * 32
-                            + 9 * 16 * 32 + 16 * 32) == 218_112
+  assert s.trusted_macs == (_subspace(1024, 16, 1, 1) + 2 * 1024 * 16 + 256 * 9 * 32
+                            + 256 * 32 + 9 * 16 * 32 + 16 * 32) == 253_184
   assert s.bytes_across == 4 * (1024 * 16 + 2 * 256 * 32) == 131_072
 
 
@@ -147,16 +206,17 @@ def test_vgg16_224_per_sample_ratio(vgg16_224):
   # 8*HW*C*r + 9*HW*r*Cout + 9*C*r*Cout with r = ceil(C / 16).  The ideal
   # C / r = 16 is not reached: decomposition (8 HW C r) costs about as much
   # as the low-rank conv itself, and the per-sample fold (9 C r Cout)
-  # dominates at 28x28 and 14x14 with C = 512.  The result is ~7.06x
-  # (2,173,773,504 trusted MACs), not > 8x; per-batch subspaces at batch 32
+  # dominates at 28x28 and 14x14 with C = 512.  The result is ~7.13x
+  # (2,134,573,681 trusted MACs), not > 8x; per-batch subspaces at batch 32
   # amortise the folds and reach ~8.68x.
   p = plan_lib.make_plan(vgg16_224, 1, DECOMP)
   assert all(s.mode == "per_sample" for s in p.sites.values())
-  expected = sum(8 * hw * c * math.ceil(c / 16) + 9 * hw * math.ceil(c / 16) * cout
-                 + 9 * c * math.ceil(c / 16) * cout for hw, c, cout in VGG16_224)
-  assert p.trusted_macs == expected == 2_173_773_504
-  assert p.trusted_mac_ratio == pytest.approx(15_346_630_656 / 2_173_773_504)
-  assert 7.0 < p.trusted_mac_ratio < 7.1
+  expected = sum(_subspace(hw, c, math.ceil(c / 16), 1) + 2 * hw * c * math.ceil(c / 16)
+                 + 9 * hw * math.ceil(c / 16) * cout + 9 * c * math.ceil(c / 16) * cout
+                 for hw, c, cout in VGG16_224)
+  assert p.trusted_macs == expected == 2_134_573_681
+  assert p.trusted_mac_ratio == pytest.approx(15_346_630_656 / 2_134_573_681)
+  assert 7.0 < p.trusted_mac_ratio < 7.2
 
   pb = plan_lib.make_plan(vgg16_224, 32, DECOMP_PB)
   assert all(s.mode == "per_batch" for s in pb.sites.values())
@@ -190,8 +250,8 @@ def test_rank_at_least_min_c_hw_runs_trusted(vgg11_32, vgg16_32):
       rank_fraction=1.0 / 16.0, max_rank=3, tau=0.0)).sites["s7"]
   assert (at.r_max, at.mode) == (4, "trusted")
   assert (below.r_max, below.mode) == (3, "per_sample")
-  assert below.trusted_macs == (8 * 4 * 512 * 3 + 4 * 9 * 3 * 512
-                                + 9 * 512 * 3 * 512) == 7_182_336
+  assert below.trusted_macs == (_subspace(4, 512, 3, 1) + 2 * 4 * 512 * 3 + 4 * 9 * 3 * 512
+                                + 9 * 512 * 3 * 512) == 7_206_912
   assert below.dense_macs == 4 * 9 * 512 * 512 == 9_437_184
 
 
@@ -258,7 +318,8 @@ def test_vgg16_32_batch_32_chooses_per_batch(vgg16_32):
   assert "per_batch" in modes
   assert pb.trusted_macs < ps.trusted_macs
   # ~2.16x per batch vs ~1.87x per sample: the 4x4 and 2x2 sites stay trusted.
-  assert pb.trusted_mac_ratio == pytest.approx(10_022_289_408 / 4_647_864_000)
+  assert pb.trusted_mac_ratio == pytest.approx(pb.dense_macs / pb.trusted_macs)
+  assert 2.1 < pb.trusted_mac_ratio < 2.2
   assert pb.trusted_mac_ratio > ps.trusted_mac_ratio
 
 
@@ -273,6 +334,8 @@ def test_table_lists_every_site_and_the_ratio(vgg16_32):
   rows = {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
   assert set(vgg16_32.site_order) <= rows
   assert f"{p.trusted_mac_ratio:.2f}x" in table
+  assert f"trusted-MAC ratio {p.trusted_mac_ratio_train:.2f}x" in table
+  assert f"{p.trusted_macs_train:,}" in table
   assert f"{p.trusted_macs:,}" in table and f"{p.dense_macs:,}" in table
   for s in p.sites.values():
     assert any(line.startswith(s.site + " ") and s.mode in line
@@ -287,6 +350,8 @@ def test_to_dict_is_json_serialisable(vgg11_32):
   assert d["trusted_macs"] == p.trusted_macs
   assert d["dense_macs"] == sum(s["dense_macs"] for s in d["sites"])
   assert d["trusted_mac_ratio"] == pytest.approx(p.trusted_mac_ratio)
+  assert d["trusted_mac_ratio_train"] == pytest.approx(p.trusted_mac_ratio_train)
+  assert d["trusted_macs_train"] == p.trusted_macs_train
   assert d["sites"][1]["consumers"] == ["conv1"]
 
 
