@@ -188,20 +188,26 @@ GRAM_MIN_PIXELS_PER_CHANNEL = 16
 # The subspace is estimated from at most about this many pixels per channel
 # (see pixel_sample).
 SUBSPACE_PIXELS_PER_CHANNEL = 32
+SUBSPACE_MIN_PIXELS = 1024
+
+
+def sample_rows(channels: int) -> int:
+  """How many pixel rows the subspace is estimated from: ``max(32 C, 1024)``."""
+  return max(SUBSPACE_PIXELS_PER_CHANNEL * channels, SUBSPACE_MIN_PIXELS)
 
 
 def pixel_sample(x2d: jax.Array) -> jax.Array:
-  """Every ``s``-th pixel row of ``x2d``, ``s = ceil(N / (SUBSPACE_PIXELS_PER_CHANNEL C))``.
+  """Every ``s``-th pixel row of ``x2d``, ``s = ceil(N / sample_rows(C))``.
 
   Any ``U`` keeps the split exact (DESIGN section 1); only the quality of the
   subspace depends on it, and ``C x C`` statistics need far fewer than the
   50,176 pixels of a 224x224 map.  A strided sample reads a fraction of the
   activation's cache lines: at 224x224x64 the Gram costs 1/25 of the full
-  one (0.82 GMAC per batch of 4).  Maps of at most ``32 C`` pixels are used whole.
+  one (0.82 GMAC per batch of 4).  Maps of at most :func:`sample_rows` pixels are used whole.
   The real-photo tests hold the estimate to 99% of the exact SVD's energy.
   """
   n, c = x2d.shape
-  stride = -(-n // (SUBSPACE_PIXELS_PER_CHANNEL * c))  # at most ~32 C rows
+  stride = -(-n // sample_rows(c))
   return x2d[::stride] if stride >= 2 else x2d
 
 

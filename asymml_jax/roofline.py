@@ -163,7 +163,7 @@ def decomposition_macs(h: int, w: int, c: int, r: int, num_iters: int, batch_siz
   """
   from asymml_jax import decomposition as dec  # pylint: disable=g-import-not-at-top
   rows = h * w * (batch_size if scope == "per_batch" else 1)
-  stride = -(-rows // (dec.SUBSPACE_PIXELS_PER_CHANNEL * c))
+  stride = -(-rows // dec.sample_rows(c))
   n = -(-rows // stride) if stride >= 2 else rows
   k = min(c, r + dec.OVERSAMPLE)
   if n >= dec.GRAM_MIN_PIXELS_PER_CHANNEL * c:

@@ -576,3 +576,70 @@ def test_gram_path_gives_the_thin_paths_subspace_and_energies(monkeypatch):
   thin = dec.decompose(x, jax.random.key(5), 3, tau=0.1)
   assert int(d.rank[0]) == int(thin.rank[0])
   np.testing.assert_allclose(d.residual, thin.residual, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# The cheaper estimator: a strided pixel sample, a one-pass residual
+# ----------------------------------------------------------------------------
+
+
+def test_pixel_sample_keeps_at_most_max_32_c_1024_rows():
+  assert dec.sample_rows(4) == 1024 and dec.sample_rows(64) == 2048
+  small = jnp.ones((1024, 4))
+  assert dec.pixel_sample(small).shape == small.shape  # used whole
+  x = jnp.arange(5000 * 64, dtype=jnp.float32).reshape(5000, 64)
+  s = dec.pixel_sample(x)
+  np.testing.assert_array_equal(s, x[::3])  # ceil(5000 / 2048) = 3
+  assert s.shape[0] <= 2048
+
+
+@pytest.mark.parametrize("r", [3, 9])  # fused elementwise, and the matrix product
+@pytest.mark.parametrize("shared", [False, True])
+def test_residual_is_x_minus_p_u_transpose(r, shared):
+  k = jax.random.split(jax.random.key(2), 2)
+  x = jax.random.normal(k[0], (2, 5, 4, 12))
+  u = jax.random.normal(k[1], (12, r) if shared else (2, 12, r))
+  p = dec.project(x, u)
+  np.testing.assert_allclose(dec.residual(x, p, u), x - dec.reconstruct(p, u),
+                             rtol=1e-5, atol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _real_activations():
+  """Post-ReLU activations of a He-initialised VGG11 on four skimage photographs.
+
+  128x128 RGB crops (standardised): the first site is 128x128x64, so its
+  subspace comes from every 8th pixel (:func:`dec.pixel_sample`).
+  """
+  from skimage import transform  # pylint: disable=g-import-not-at-top
+  from asymml_jax import ops as ops_lib  # pylint: disable=g-import-not-at-top
+  from asymml_jax.models import get_model  # pylint: disable=g-import-not-at-top
+  imgs = np.stack([transform.resize(getattr(skdata, n)()[..., :3], (128, 128),
+                                    anti_aliasing=True) for n in PHOTOS]).astype(np.float32)
+  imgs = (imgs - imgs.mean()) / imgs.std()
+  model = get_model("vgg11", input_shape=(128, 128, 3))
+  v = model.init(jax.random.key(0))
+  ys, carry, sites = {}, {"image": jnp.asarray(imgs)}, {}
+  for k, stage in enumerate(model.stages[:-1]):
+    xs, carry = stage.apply({"params": v["params"]["stages"][str(k)],
+                             "batch_stats": v["batch_stats"]["stages"][str(k)]},
+                            ys, carry, False)
+    sites.update(xs)
+    ys = {c.name: ops_lib.conv(xs[c.site], v["params"]["convs"][c.name]["kernel"],
+                               c.strides, c.padding) for c in model.groups[k]}
+  return {s: np.asarray(x) for s, x in sites.items() if s != "input"}
+
+
+def test_real_activations_capture_99_percent_of_svd_energy():
+  """The estimator in use (pixel sample, Gram or thin iteration) on real activations."""
+  acts = _real_activations()
+  sampled = 0
+  for site, x in acts.items():
+    b, h, w, c = x.shape
+    sampled += dec.pixel_sample(jnp.zeros((h * w, c))).shape[0] < h * w
+    r = dec.DecompositionConfig().r_max(c)
+    d = _decompose(jnp.asarray(x), jax.random.key(3), r_max=r)
+    captured = _captured(x, d.u)
+    svd = _svd_energies(x)[:, :r].sum(axis=1)
+    assert np.all(captured >= 0.99 * svd), (site, np.min(captured / svd))
+  assert sampled >= 1  # the strided sample was exercised

@@ -191,3 +191,33 @@ def test_im2col_conv_is_lax_conv_and_conv_uses_it_for_small_inputs(spec, h, w):
   text = jax.jit(ops.conv, static_argnums=(2, 3)).lower(
       x, kernel, spec.strides, spec.padding).as_text()
   assert ("dot_general" in text) == small  # im2col only where the kernel exceeds the input
+
+
+# ----------------------------------------------------------------------------
+# Per-sample convolutions without conv_general_dilated_patches
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strides,padding", [((1, 1), ((1, 1), (1, 1))),
+                                             ((2, 2), ((0, 1), (1, 0)))])
+def test_shifted_patches_are_lax_patches_in_tap_major_order(strides, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+  ours = ops.shifted_patches(x, (3, 3), strides, padding)
+  lax = ops._patches(x, (3, 3), strides, padding)  # channel-major: (c, i, j)
+  assert ours.shape == lax.shape
+  b, h, w, _ = lax.shape
+  reordered = lax.reshape(b, h, w, 3, 9).swapaxes(-1, -2).reshape(b, h, w, 27)
+  np.testing.assert_allclose(ours, reordered, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch,rank", [(3, 2), (10, 2), (3, 9)])  # loop, patches, patches
+@pytest.mark.parametrize("strides,padding", [((1, 1), ((1, 1), (1, 1))),
+                                             ((2, 2), ((0, 1), (1, 0)))])
+def test_per_sample_conv_is_each_samples_conv(batch, rank, strides, padding):
+  k = jax.random.split(jax.random.key(1), 2)
+  x = jax.random.normal(k[0], (batch, 7, 6, rank))
+  kernels = jax.random.normal(k[1], (batch, 3, 3, rank, 5))
+  got = ops.per_sample_conv(x, kernels, strides, padding)
+  want = jnp.concatenate([ops.conv(x[i:i + 1], kernels[i], strides, padding)
+                          for i in range(batch)])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

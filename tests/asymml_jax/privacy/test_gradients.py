@@ -140,3 +140,26 @@ def test_fresh_keys_give_fresh_noise():
 def test_bad_settings_raise(kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
     g.GradientRelease(spec=SPEC, **kwargs)
+
+
+@pytest.mark.parametrize("kernel_size,padding,strides", [
+    ((3, 3), ((1, 1), (1, 1)), (1, 1)),   # batched products
+    ((3, 3), ((0, 1), (1, 0)), (1, 1)),   # batched products, asymmetric padding
+    ((1, 1), ((0, 0), (0, 0)), (1, 1)),   # 1x1 shortcut
+    ((3, 3), ((1, 1), (1, 1)), (2, 2)),   # strided: the vmapped VJP
+])
+def test_trusted_gradient_shares_are_the_per_sample_vjp(kernel_size, padding, strides):
+  spec = ops.ConvSpec(name="c", site="s", in_features=4, features=6, kernel_size=kernel_size,
+                      strides=strides, padding=padding)
+  ho, wo = spec.output_hw(9, 8)
+  k = jax.random.split(jax.random.key(7), 4)
+  r = jax.random.normal(k[0], (10, 9, 8, 4))
+  kernel = jax.random.normal(k[1], (*kernel_size, 4, 6))
+  p = jax.random.normal(k[2], (10, ho, wo, 2))
+  q = jax.random.normal(k[3], (10, 6, 2))
+  dr, dw = g.trusted_gradient_shares(r, kernel, p, q, spec)
+  dy_l = jnp.einsum("bhwr,bor->bhwo", p, q)
+  _, vjp = jax.vjp(lambda x, w: ops.conv(x, w, spec.strides, spec.padding), r, kernel)
+  want_dr, want_dw = vjp(dy_l)
+  np.testing.assert_allclose(dr, want_dr, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-3)
