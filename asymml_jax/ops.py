@@ -136,11 +136,14 @@ def shifted_patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[i
   return views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
 
 
-# Per-sample low-rank convolutions of at most this batch and rank run as one
-# convolution per sample (faster than the batched matmul at 224x224, r = 4:
-# 23 against 35 ms for a batch of 4 on one core).
+# Per-sample low-rank convolutions of at most this batch and rank, on maps of
+# at least this many pixels, run as one convolution per sample (faster than
+# the batched matmul at 224x224, r = 4: 23 against 35 ms for a batch of 4 on
+# one core; no faster on small maps, where the unrolled loop only adds
+# compile time).
 LOOP_MAX_BATCH = 8
 LOOP_MAX_RANK = 8
+LOOP_MIN_PIXELS = 112 * 112
 
 
 def per_sample_conv(x: jax.Array, kernels: jax.Array, strides: tuple[int, int],
@@ -158,7 +161,7 @@ def per_sample_conv(x: jax.Array, kernels: jax.Array, strides: tuple[int, int],
   fraction of their dense speed.)
   """
   b, r = x.shape[0], x.shape[-1]
-  if b <= LOOP_MAX_BATCH and r <= LOOP_MAX_RANK:
+  if b <= LOOP_MAX_BATCH and r <= LOOP_MAX_RANK and x.shape[1] * x.shape[2] >= LOOP_MIN_PIXELS:
     return jnp.concatenate([conv(x[i:i + 1], kernels[i], strides, padding)
                             for i in range(b)], axis=0)
   kh, kw = kernels.shape[1:3]

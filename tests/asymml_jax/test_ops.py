@@ -210,10 +210,12 @@ def test_shifted_patches_are_lax_patches_in_tap_major_order(strides, padding):
   np.testing.assert_allclose(ours, reordered, rtol=1e-6)
 
 
-@pytest.mark.parametrize("batch,rank", [(3, 2), (10, 2), (3, 9)])  # loop, patches, patches
+@pytest.mark.parametrize("batch,rank,loop", [(3, 2, True), (3, 2, False), (10, 2, False),
+                                             (3, 9, False)])
 @pytest.mark.parametrize("strides,padding", [((1, 1), ((1, 1), (1, 1))),
                                              ((2, 2), ((0, 1), (1, 0)))])
-def test_per_sample_conv_is_each_samples_conv(batch, rank, strides, padding):
+def test_per_sample_conv_is_each_samples_conv(batch, rank, loop, strides, padding, monkeypatch):
+  monkeypatch.setattr(ops, "LOOP_MIN_PIXELS", 1 if loop else 10**9)
   k = jax.random.split(jax.random.key(1), 2)
   x = jax.random.normal(k[0], (batch, 7, 6, rank))
   kernels = jax.random.normal(k[1], (batch, 3, 3, rank, 5))
