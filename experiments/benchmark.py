@@ -4,7 +4,7 @@ Usage:
 
   python -m experiments.benchmark --mode=infer --models=vgg16 --input_size=224 \
       --batch_size=4 --pin
-  python -m experiments.benchmark --mode=train --models=vgg16,resnet18 \
+  python -m experiments.benchmark --mode=train --models=vgg16,resnet20 \
       --input_size=32 --batch_size=32 --pin
 
 Every listed backend runs the same model, weights and batch shape in this one
