@@ -608,16 +608,16 @@ def test_residual_is_x_minus_p_u_transpose(r, shared):
 def _real_activations():
   """Post-ReLU activations of a He-initialised VGG11 on four skimage photographs.
 
-  128x128 RGB crops (standardised): the first site is 128x128x64, so its
-  subspace comes from every 8th pixel (:func:`dec.pixel_sample`).
+  96x96 RGB images (standardised): the first site is 96x96x64, so its
+  subspace comes from every 5th pixel (:func:`dec.pixel_sample`).
   """
   from skimage import transform  # pylint: disable=g-import-not-at-top
   from asymml_jax import ops as ops_lib  # pylint: disable=g-import-not-at-top
   from asymml_jax.models import get_model  # pylint: disable=g-import-not-at-top
-  imgs = np.stack([transform.resize(getattr(skdata, n)()[..., :3], (128, 128),
+  imgs = np.stack([transform.resize(getattr(skdata, n)()[..., :3], (96, 96),
                                     anti_aliasing=True) for n in PHOTOS]).astype(np.float32)
   imgs = (imgs - imgs.mean()) / imgs.std()
-  model = get_model("vgg11", input_shape=(128, 128, 3))
+  model = get_model("vgg11", input_shape=(96, 96, 3))
   v = model.init(jax.random.key(0))
   ys, carry, sites = {}, {"image": jnp.asarray(imgs)}, {}
   for k, stage in enumerate(model.stages[:-1]):
