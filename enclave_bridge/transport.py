@@ -155,7 +155,7 @@ class Arena:
     base = self._base(side) + desc.offset
     view = np.frombuffer(self.buf, dtype=desc.dtype, count=int(np.prod(desc.shape)),
                          offset=base).reshape(desc.shape)
-    return view.copy() if copy else view
+    return _aligned_copy(view) if copy else view
 
   def close(self) -> None:
     self.buf = None
@@ -168,6 +168,19 @@ class Arena:
         self.shm.unlink()
       except FileNotFoundError:
         pass
+
+
+# XLA CPU adopts host arrays aligned to this many bytes without copying them.
+COPY_ALIGN = 64
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+  """A private copy of ``a`` in a ``COPY_ALIGN``-byte aligned buffer of its own."""
+  raw = np.empty(a.nbytes + COPY_ALIGN, np.uint8)
+  start = (-raw.ctypes.data) % COPY_ALIGN
+  out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+  np.copyto(out, a)
+  return out
 
 
 def receive(arena: Arena, side: str, descs: tuple[pr.TensorDesc, ...],

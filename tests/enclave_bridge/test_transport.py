@@ -329,3 +329,17 @@ def test_connect_to_a_listening_path(tmp_path):
     server.close()
   finally:
     listener.close()
+
+
+def test_private_copies_are_aligned_and_independent_of_the_arena():
+  arena = Arena.create(1 << 20)
+  try:
+    x = np.arange(3 * 5 * 7, dtype=np.float32).reshape(3, 5, 7)
+    (desc,) = arena.write("request", [("x", "activation_residual", x)])
+    got = arena.read("request", desc)
+    assert got.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(got, x)
+    arena.write("request", [("x", "activation_residual", x + 1)])  # the other side rewrites
+    np.testing.assert_array_equal(got, x)  # the private copy is unchanged
+  finally:
+    arena.close()
