@@ -199,7 +199,7 @@ def sample_rows(channels: int) -> int:
 def pixel_sample(x2d: jax.Array) -> jax.Array:
   """Every ``s``-th pixel row of ``x2d``, ``s = ceil(N / sample_rows(C))``.
 
-  Any ``U`` keeps the split exact (DESIGN section 1); only the quality of the
+  Any ``U`` keeps the split exact (``X_L + R = X`` for every ``U``); only the quality of the
   subspace depends on it, and ``C x C`` statistics need far fewer than the
   50,176 pixels of a 224x224 map.  A strided sample reads a fraction of the
   activation's cache lines: at 224x224x64 the Gram costs 1/25 of the full
@@ -292,7 +292,7 @@ FUSED_RESIDUAL_MAX_RANK = 8
 
 
 def residual(x: jax.Array, p: jax.Array, u: jax.Array) -> jax.Array:
-  """``R = X - P U^T`` (DESIGN section 3, step 1), fused for small ``r``.
+  """``R = X - P U^T`` (the released residual), fused for small ``r``.
 
   For ``r <= FUSED_RESIDUAL_MAX_RANK`` the ``r`` rank-one updates are written
   as elementwise products, which XLA fuses into a single loop: one read of

@@ -1,4 +1,4 @@
-"""Roofline accounting of the trusted stages (DESIGN section 8, benchmarks).
+"""Roofline accounting of the trusted stages (the benchmark's performance method).
 
 Two halves:
 

@@ -1,4 +1,4 @@
-r"""Gradient-inversion attack on MNIST-5k: dense vs AsymML vs AsymML with DP (issue 5).
+r"""Gradient-inversion attack on MNIST-5k: dense vs AsymML vs AsymML with DP.
 
 Usage:
 

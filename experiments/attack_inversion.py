@@ -1,4 +1,4 @@
-r"""Model-inversion attack on MNIST-5k: dense vs AsymML vs AsymML with DP (issue 5).
+r"""Model-inversion attack on MNIST-5k: dense vs AsymML vs AsymML with DP.
 
 Usage:
 
@@ -80,7 +80,7 @@ from experiments.attack_configs import DP as _DP
 from experiments.attack_configs import RANK as _RANK
 
 ACCEPT_DENSE_SSIM = 0.6  # the attack must be strong enough to mean something
-GOAL_DP_SSIM = 0.2       # goal of issue 5 for AsymML with DP at epsilon 8
+GOAL_DP_SSIM = 0.2       # the goal for AsymML with DP at epsilon 8
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/attack_inversion", "Output folder.")
 _CONFIGS = flags.DEFINE_string(

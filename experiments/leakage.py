@@ -1,4 +1,4 @@
-r"""Mutual information between MNIST-5k digits and everything the untrusted side sees (issue 5).
+r"""Mutual information between MNIST-5k digits and everything the untrusted side sees.
 
 Usage:
 
@@ -132,7 +132,7 @@ from experiments.attack_configs import DEFAULT_CONFIGS, DP_CONFIG_MODULE, parse_
 from experiments.attack_configs import DP as _DP
 from experiments.attack_configs import RANK as _RANK
 
-GOAL_FRACTION = 0.1  # issue 5: AsymML with DP at epsilon 8 below 10% of the dense MI
+GOAL_FRACTION = 0.1  # goal: AsymML with DP at epsilon 8 below 10% of the dense MI
 CLASSES: tuple[str, ...] = ("activation", "output_gradient", "weight_gradient")
 ALL_PARAMS = "all"
 

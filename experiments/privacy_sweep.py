@@ -1,4 +1,4 @@
-r"""Privacy sweep: held-out accuracy against epsilon, AsymML vs DP-SGD (issue 4).
+r"""Privacy sweep: held-out accuracy against epsilon, AsymML vs DP-SGD.
 
 Usage:
 
