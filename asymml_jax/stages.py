@@ -240,43 +240,85 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
     accelerator, private state for stage ``k+1``, the loss (last stage only,
     else ``None``), updated batch statistics and aggregate metrics.
   """
-  cfg = plan.decomposition
+  ys = combine_outputs(model, plan, k, params_k, yr, priv_in, key, train, yl)
+  xs, carry, new_stats = apply_module(model, k, params_k, stats_k, ys, priv_in, batch, train)
+  if k == model.num_stages - 1:
+    loss, metrics = classification_loss(xs["logits"], batch["label"], batch["mask"],
+                                        plan.expected_batch_size)
+    return ({}, empty_private(), loss), (new_stats, metrics)
+  rs, priv_out = release(plan, k, xs, key, train)
+  priv_out["carry"] = carry
+  return (rs, priv_out, None), (new_stats, None)
+
+
+def combine_outputs(model: StagedModel, plan: Plan, k: int, params_k: dict,
+                    yr: Mapping[str, jax.Array], priv_in: dict, key: jax.Array, train: bool,
+                    yl: Mapping[str, jax.Array] | None = None) -> dict:
+  """Step "combine" of stage ``k``: ``Y = Y_R + conv(P, W') + b`` per conv of group ``k-1``.
+
+  DESIGN section 3, step 3.  Fully trusted convs run here on the kept ``X``;
+  with ``plan.verify_untrusted`` every ``Y_R`` is checked first, and with
+  gradient protection it passes through
+  :func:`asymml_jax.privacy.gradients.protect_output`.
+  """
+  if k == 0:
+    return {}
   verify = plan.verify_untrusted
-  ys = {}
-  if k > 0:
-    checks, labels = {}, {}
-    for c in model.groups[k - 1]:
-      sp = plan.sites[c.site]
-      p = params_k["convs"][c.name]
-      if sp.mode == "trusted":
-        y = ops.conv(priv_in["x"][c.site], p["kernel"], c.strides, c.padding)
-      elif sp.mode == "dense":
-        y = yr[c.name]
-      else:
-        y_r = yr[c.name].astype(jnp.float32)
-        if verify:
-          sg = jax.lax.stop_gradient
-          r_sent = priv_in["r"][c.site]
-          checks[c.name] = integrity.check_conv(
-              sg(yr[c.name]), sg(r_sent), sg(p["kernel"]), c,
-              integrity_key(key, model.conv_index(c.name), "forward"))
-          labels[c.name] = f"conv {c.name!r} (site {c.site!r})"
-          if train:
-            y_r = integrity.tap_output(
-                y_r, priv_in["probe"][c.site], p["kernel"],
-                integrity_key(key, sp.index, "backward"),
-                integrity.OutputTap(spec=c, input_hw=tuple(r_sent.shape[1:3]),
-                                    result_dtype=jnp.dtype(yr[c.name].dtype).name))
-        if plan.protects_gradients:
-          y_r = grad_lib.protect_output(
-              y_r, priv_in["r"][c.site], p["kernel"],
-              gradient_key(key, model.conv_index(c.name)), gradient_release(model, plan, c))
-        y_l = (ops.lowrank_conv(priv_in["p"][c.site], priv_in["u"][c.site], p["kernel"], c)
-               if yl is None else yl[c.name])
-        y = ops.combine(y_l, y_r, None)
-      ys[c.name] = ops.combine(None, y, p.get("bias"))
-    if checks:
-      integrity.enforce(checks, stage=k, direction="forward", labels=labels)
+  ys, checks, labels = {}, {}, {}
+  for c in model.groups[k - 1]:
+    sp = plan.sites[c.site]
+    p = params_k["convs"][c.name]
+    if sp.mode == "trusted":
+      y = ops.conv(priv_in["x"][c.site], p["kernel"], c.strides, c.padding)
+    elif sp.mode == "dense":
+      y = yr[c.name]
+    else:
+      y_r = yr[c.name].astype(jnp.float32)
+      if verify:
+        checks[c.name] = _check_received(model, c, yr[c.name], priv_in, p, key)
+        labels[c.name] = f"conv {c.name!r} (site {c.site!r})"
+        if train:
+          y_r = _tap_received(model, plan, c, y_r, yr[c.name], priv_in, p, key)
+      if plan.protects_gradients:
+        y_r = grad_lib.protect_output(
+            y_r, priv_in["r"][c.site], p["kernel"],
+            gradient_key(key, model.conv_index(c.name)), gradient_release(model, plan, c))
+      y_l = (ops.lowrank_conv(priv_in["p"][c.site], priv_in["u"][c.site], p["kernel"], c)
+             if yl is None else yl[c.name])
+      y = ops.combine(y_l, y_r, None)
+    ys[c.name] = ops.combine(None, y, p.get("bias"))
+  if checks:
+    integrity.enforce(checks, stage=k, direction="forward", labels=labels)
+  return ys
+
+
+def _check_received(model: StagedModel, c, y_received, priv_in: dict, p: dict, key: jax.Array):
+  """Freivalds check of the accelerator's ``Y_R`` against the ``R`` this side released."""
+  sg = jax.lax.stop_gradient
+  return integrity.check_conv(sg(y_received), sg(priv_in["r"][c.site]), sg(p["kernel"]), c,
+                              integrity_key(key, model.conv_index(c.name), "forward"))
+
+
+def _tap_received(model: StagedModel, plan: Plan, c, y_r, y_received, priv_in: dict,
+                  p: dict, key: jax.Array):
+  """``Y_R`` with the backward check of its residual gradient attached."""
+  r_sent = priv_in["r"][c.site]
+  return integrity.tap_output(
+      y_r, priv_in["probe"][c.site], p["kernel"],
+      integrity_key(key, plan.sites[c.site].index, "backward"),
+      integrity.OutputTap(spec=c, input_hw=tuple(r_sent.shape[1:3]),
+                          result_dtype=jnp.dtype(y_received.dtype).name))
+
+
+def apply_module(model: StagedModel, k: int, params_k: dict, stats_k: dict, ys: dict,
+                 priv_in: dict, batch: Mapping[str, jax.Array], train: bool):
+  """Step "apply" of stage ``k``: the stage module (normalisation, ReLU, pooling, shortcuts).
+
+  Returns:
+    ``(xs, carry, new_stats)``: the activations of the sites stage ``k``
+    produces (the logits in the last stage), the shortcut carry and the
+    updated batch statistics.
+  """
   carry = dict(priv_in["carry"])
   if k == 0:
     model.check_input(batch["image"])
@@ -287,16 +329,21 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
   stage = model.stages[k]
   if train and stats_k:
     (xs, carry), mutated = stage.apply(variables, ys, carry, True, mutable=["batch_stats"])
-    new_stats = mutated["batch_stats"]
-  else:
-    xs, carry = stage.apply(variables, ys, carry, train)
-    new_stats = stats_k
-  if k == model.num_stages - 1:
-    loss, metrics = classification_loss(xs["logits"], batch["label"], batch["mask"],
-                                        plan.expected_batch_size)
-    return ({}, empty_private(), loss), (new_stats, metrics)
+    return xs, carry, mutated["batch_stats"]
+  xs, carry = stage.apply(variables, ys, carry, train)
+  return xs, carry, stats_k
+
+
+def release(plan: Plan, k: int, xs: Mapping[str, jax.Array], key: jax.Array,
+            train: bool) -> tuple[dict, dict]:
+  """Step "release" of stage ``k``: decompose each split site and release its residual.
+
+  DESIGN section 3, step 1 and section 7: ``R`` (clipped and noised in DP
+  mode) goes out; ``P`` and ``U`` (and ``R`` itself where gradient protection
+  or the integrity checks need it) stay in the returned private state.
+  """
+  cfg, verify = plan.decomposition, plan.verify_untrusted
   rs, priv_out = {}, empty_private()
-  priv_out["carry"] = carry
   for site, x in xs.items():
     sp = plan.sites[site]
     if sp.mode == "dense":
@@ -315,7 +362,7 @@ def trusted_stage(model: StagedModel, plan: Plan, k: int, params_k: dict,
             integrity.ResidualCheck(site=site, stage=k, readers=sp.consumers))
       priv_out["p"][site] = d.p
       priv_out["u"][site] = d.u
-  return (rs, priv_out, None), (new_stats, None)
+  return rs, priv_out
 
 
 def untrusted_group(model: StagedModel, plan: Plan, k: int, conv_params: Tree,
