@@ -72,6 +72,10 @@ class Backend(abc.ABC):
                index: int) -> dict:
     """Aggregate metrics (``loss_sum``, ``correct``, ``count``) of one eval batch."""
 
+  def site_ranks(self) -> dict[str, int]:
+    """The static rank each split site is compiled with (calibrated ones once known)."""
+    return plan_ranks(self.plan)
+
   def close(self) -> None:
     """Releases processes or buffers the backend holds."""
 
@@ -80,6 +84,11 @@ class Backend(abc.ABC):
 
   def __exit__(self, *exc):
     self.close()
+
+
+def plan_ranks(plan: Plan) -> dict[str, int]:
+  """``{site: r_max}`` of a plan's split sites."""
+  return {site: sp.r_max for site, sp in plan.sites.items() if sp.split}
 
 
 def _struct(tree):
@@ -141,6 +150,10 @@ class InlineBackend(Backend):
   def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, *,
                name: str = "inline", residual_dtype: Any = None,
                mesh: Mesh | None = None):
+    if name == "inline" and plan.decomposition.rank_plan == "calibrate":
+      raise ValueError("rank_plan='calibrate' fixes ranks from the first batch inside the "
+                       "enclave: use the enclave backend (inline traces every stage before "
+                       "any data is seen)")
     self.name, self.model, self.plan, self._key = name, model, plan, key
     self._residual_dtype = residual_dtype
     self.mesh = mesh
@@ -410,6 +423,11 @@ class LocalBackend(HostBackend):
 
   def __init__(self, model: StagedModel, plan: Plan, key: jax.Array, *,
                residual_dtype: Any = None, mesh: Mesh | None = None):
+    if plan.decomposition.rank_plan == "calibrate":
+      raise ValueError("rank_plan='calibrate' is served by the enclave backend: the local "
+                       "backend's trusted stages run inside host callbacks, where "
+                       "compiling and running a calibration pass can deadlock XLA's CPU "
+                       "thread pool")
     # The boundary layout of the process backends; Y_L is computed on demand
     # (nothing runs between two callbacks here to overlap it with).
     self.executor = TrustedExecutor(model, plan, key, overlap=True)

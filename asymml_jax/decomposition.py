@@ -29,6 +29,9 @@ OVERSAMPLE = 2
 # hold to float32 rounding on every backend.
 _HIGHEST = jax.lax.Precision.HIGHEST
 SCOPES: tuple[str, ...] = ("per_sample", "per_batch")
+# ``fraction``: r_max from rank_fraction; ``calibrate``: each site's static rank
+# from a calibration batch's energy (asymml_jax.calibration).
+RANK_PLANS: tuple[str, ...] = ("fraction", "calibrate")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,6 +53,12 @@ class DecompositionConfig:
       Freivalds test and raise :class:`asymml_jax.integrity.IntegrityError`
       on a wrong one (DESIGN section 6).  Off, nothing is checked and the
       compiled programs are those of a plan without the field.
+    rank_plan: ``fraction`` (``r_max`` from ``rank_fraction``, fixed before any
+      data is seen) or ``calibrate``: the trusted executor measures each
+      site's energy spectrum on the first batch it serves and compiles with
+      the smallest static rank that leaves at most ``tau`` of every sample's
+      energy in the residual, capped by ``max_rank`` and below ``min(C, HW)``
+      (:mod:`asymml_jax.calibration`).
   """
 
   rank_fraction: float = 1.0 / 16.0
@@ -59,6 +68,7 @@ class DecompositionConfig:
   num_iters: int = 2
   scope: str = "per_sample"
   verify_untrusted: bool = False
+  rank_plan: str = "fraction"
 
   def __post_init__(self):
     if not 0.0 < self.rank_fraction <= 1.0:
@@ -76,6 +86,10 @@ class DecompositionConfig:
       raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
     if not isinstance(self.verify_untrusted, bool):
       raise ValueError(f"verify_untrusted must be a bool, got {self.verify_untrusted!r}")
+    if self.rank_plan not in RANK_PLANS:
+      raise ValueError(f"rank_plan must be one of {RANK_PLANS}, got {self.rank_plan!r}")
+    if self.rank_plan == "calibrate" and self.tau <= 0.0:
+      raise ValueError("rank_plan='calibrate' needs an energy threshold tau > 0")
 
   def r_max(self, channels: int) -> int:
     """The static number of columns of ``U`` for ``channels`` input channels."""

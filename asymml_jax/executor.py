@@ -43,7 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asymml_jax import calibration
 from asymml_jax import integrity
+from asymml_jax import plan as plan_lib
 from asymml_jax import stages as st
 from asymml_jax.models.base import StagedModel
 from asymml_jax.plan import Plan
@@ -78,6 +80,14 @@ def _stage_fn(model, plan, k, train, yr, params_k, stats_k, priv_in, batch, key,
     return f(yr, params_k, priv_in, yl)
   outs, vjp, aux = jax.vjp(f, yr, params_k, priv_in, yl, has_aux=True)
   return outs, aux, vjp
+
+
+def _activations_fn(model, plan, k, train, yr, params_k, stats_k, priv_in, batch, key,
+                    yl=None):
+  """Stage ``k``'s site activations before decomposition (the calibration pass)."""
+  ys = st.combine_outputs(model, plan, k, params_k, yr, priv_in, key, train, yl)
+  xs, _, _ = st.apply_module(model, k, params_k, stats_k, ys, priv_in, batch, train)
+  return {site: x for site, x in xs.items() if site in plan.sites and plan.sites[site].split}
 
 
 def _lowrank_fn(model, plan, k, train, kernels, priv_in):
@@ -118,6 +128,8 @@ class TrustedExecutor:
     self._steps: dict[int, _Step] = {}
     self._jitted: dict[tuple, Any] = {}
     self._pending: dict[int, int] = {}  # tag -> the stage whose Y_L a prefetch may compute
+    self._calibrated: set[int] = set()  # stages whose sites have calibrated ranks
+    self.ranks: dict[str, int] = {}  # site -> calibrated static rank
 
   # ------------------------------------------------------------------ steps
   def begin(self, tag: int, batch: Mapping[str, Any], *, train: bool) -> None:
@@ -200,6 +212,7 @@ class TrustedExecutor:
       yl = s.yl.get(k)  # prefetched; else the stage computes it (no extra program)
       if yl is None:
         s.yl_vjps.pop(k, None)
+    self._calibrate(s, k, (yr, params_k, stats_k, s.priv[k], s.batch, key, yl))
     res = self._call(self._fn(k, s.train), yr, params_k, stats_k, s.priv[k], s.batch, key,
                      yl)
     s.yl.pop(k, None)  # consumed (its VJP, if any, stays for the backward)
@@ -217,6 +230,26 @@ class TrustedExecutor:
       self.end(tag)
       return out
     return s.outputs[k]
+
+  def _calibrate(self, s: _Step, k: int, args: tuple) -> None:
+    """Fixes the static rank of stage ``k``'s split sites from this batch (once).
+
+    ``rank_plan='calibrate'`` (:mod:`asymml_jax.calibration`): runs before
+    stage ``k`` is first compiled, so every program that touches a site sees
+    one rank for it.  Stage ``k+1``'s programs are built after this call.
+    """
+    if self.plan.decomposition.rank_plan != "calibrate" or k in self._calibrated:
+      return
+    if not st.split_convs(self.model, self.plan, k):  # no split site is decomposed here
+      self._calibrated.add(k)
+      return
+    fn = jax.jit(functools.partial(_activations_fn, self.model, self.plan, k, s.train))
+    xs = jax.device_get(self._call(fn, *args))
+    ranks = calibration.calibrated_ranks(self.plan.decomposition, self.plan.sites, xs)
+    if ranks:
+      self.plan = plan_lib.with_ranks(self.model, self.plan, ranks)
+      self.ranks.update(ranks)
+    self._calibrated.add(k)
 
   # --------------------------------------------------------------- backward
   def backward(self, tag: int, k: int, drs: Mapping, dloss):

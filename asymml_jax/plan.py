@@ -283,6 +283,10 @@ def make_plan(model: StagedModel, batch_size: int,
   if allow_per_batch is None:
     allow_per_batch = decomposition.scope == "per_batch"
   if privacy.enabled:
+    if decomposition.rank_plan == "calibrate":
+      raise ValueError("privacy is enabled: rank_plan='calibrate' picks ranks from private "
+                       "data, visible outside the enclave (its timing, the plan it reports) "
+                       "and covered by no epsilon; use rank_plan='fraction'")
     if allow_per_batch or force == "per_batch":
       raise ValueError("privacy is enabled: per_batch subspaces mix samples (one sample's "
                        "residual would depend on the others); use scope='per_sample'")
@@ -301,14 +305,39 @@ def make_plan(model: StagedModel, batch_size: int,
         candidates += ["per_sample"] + (["per_batch"] if allow_per_batch else [])
       mode = min(candidates, key=lambda m: site_costs(
           model, site, m, r, batch_size, decomposition.num_iters)[1])
-    dense, trusted, untrusted, nbytes = site_costs(
-        model, site, mode, r, batch_size, decomposition.num_iters)
-    dense_t, trusted_t, protection = site_train_costs(model, site, mode, r, batch_size,
-                                                      decomposition)
-    sites[site] = SitePlan(
-        site=site, index=index, mode=mode, r_max=r, height=h, width=w, channels=c,
-        consumers=tuple(cv.name for cv in model.consumers(site)), dense_macs=dense,
-        trusted_macs=trusted, untrusted_macs=untrusted, bytes_across=nbytes,
-        dense_macs_train=dense_t, trusted_macs_train=trusted_t, protection_macs=protection)
+    sites[site] = _site_plan(model, site, index, mode, r, batch_size, decomposition)
   return Plan(model=model.name, batch_size=batch_size, decomposition=decomposition,
               sites=sites, privacy=privacy, expected_batch_size=expected_batch_size)
+
+
+def _site_plan(model: StagedModel, site: str, index: int, mode: str, r: int, batch_size: int,
+               decomposition: DecompositionConfig) -> SitePlan:
+  h, w, c = model.site_shapes[site]
+  dense, trusted, untrusted, nbytes = site_costs(
+      model, site, mode, r, batch_size, decomposition.num_iters)
+  dense_t, trusted_t, protection = site_train_costs(model, site, mode, r, batch_size,
+                                                    decomposition)
+  return SitePlan(
+      site=site, index=index, mode=mode, r_max=r, height=h, width=w, channels=c,
+      consumers=tuple(cv.name for cv in model.consumers(site)), dense_macs=dense,
+      trusted_macs=trusted, untrusted_macs=untrusted, bytes_across=nbytes,
+      dense_macs_train=dense_t, trusted_macs_train=trusted_t, protection_macs=protection)
+
+
+def with_ranks(model: StagedModel, plan: Plan, ranks: Mapping[str, int]) -> Plan:
+  """``plan`` with the static rank of some split sites replaced (modes unchanged).
+
+  Used with calibrated ranks (:mod:`asymml_jax.calibration`): each site keeps
+  the mode the untrusted side planned, and its costs are recounted at the
+  new ``r``.
+  """
+  sites = dict(plan.sites)
+  for site, r in ranks.items():
+    sp = sites[site]
+    if not sp.split:
+      raise ValueError(f"site {site!r} runs {sp.mode}: only split sites have a rank")
+    if not 1 <= r < min(sp.channels, sp.height * sp.width):
+      raise ValueError(f"site {site!r}: rank {r} must be in [1, min(C, HW))")
+    sites[site] = _site_plan(model, site, sp.index, sp.mode, int(r), plan.batch_size,
+                             plan.decomposition)
+  return dataclasses.replace(plan, sites=sites)

@@ -62,7 +62,9 @@ import jax
 import numpy as np
 
 from asymml_jax import backends as bk
+from asymml_jax import plan as plan_lib
 from asymml_jax import roofline
+from asymml_jax import sample_images
 from asymml_jax.baselines import slalom as _slalom  # noqa: F401  (registers ``slalom``)
 from asymml_jax.decomposition import SCOPES, DecompositionConfig
 from asymml_jax.models import get_model
@@ -76,6 +78,7 @@ PROCESS_BACKENDS = bk.PROCESS_BACKENDS
 BREAKDOWN_KEYS = ("trusted_compute_s", "untrusted_compute_s", "transfer_s", "waiting_s")
 RATIO_BASELINE = "tee_only"
 SLALOM = "slalom"
+IMAGES = ("photos", "noise")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,6 +105,11 @@ class BenchmarkSettings:
     seed: weights and synthetic images.
     roofline: measure the enclave core's peaks and report every trusted
       stage against its roofline time.
+    rank_plan: ``fraction`` or ``calibrate`` (each site's static rank from
+      the first batch, :mod:`asymml_jax.calibration`).
+    tau: the residual-energy threshold of the rank choice.
+    images: ``photos`` (scikit-image photographs: ranks follow real content)
+      or ``noise`` (standard normal).
   """
 
   mode: str = "train"
@@ -126,6 +134,9 @@ class BenchmarkSettings:
   untrusted_device: str = "cpu"
   seed: int = 0
   roofline: bool = True
+  rank_plan: str = "fraction"
+  tau: float = 0.1
+  images: str = "photos"
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -159,12 +170,15 @@ class BenchmarkSettings:
       raise ValueError(f"roofline must be a bool, got {self.roofline!r}")
     if self.scope not in SCOPES:
       raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+    if self.images not in IMAGES:
+      raise ValueError(f"images must be one of {IMAGES}, got {self.images!r}")
+    self.decomposition  # validates rank_plan and tau
     bk.untrusted_device(self.untrusted_device)  # a clear error if it is absent
 
   @property
   def decomposition(self) -> DecompositionConfig:
     return DecompositionConfig(rank_fraction=self.rank_fraction, num_iters=self.num_iters,
-                               scope=self.scope)
+                               scope=self.scope, rank_plan=self.rank_plan, tau=self.tau)
 
 
 # ------------------------------------------------------------------ pinning
@@ -266,11 +280,20 @@ def _median_dict(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ data
-def synthetic_batch(model: StagedModel, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-  """Standard-normal images and cycling labels (timing does not depend on content:
-  every shape is static and the rank mask hides the chosen rank)."""
+def synthetic_batch(model: StagedModel, batch_size: int, seed: int,
+                    images: str = "noise") -> dict[str, np.ndarray]:
+  """Photographs or standard-normal images, and cycling labels.
+
+  With ``rank_plan=fraction`` timing does not depend on content (every shape
+  is static, the rank mask hides the chosen rank); calibrated ranks do.
+  """
   rng = np.random.default_rng(seed)
-  return {"image": rng.standard_normal((batch_size, *model.input_shape)).astype(np.float32),
+  if images == "photos":
+    h, _, c = model.input_shape
+    image = sample_images.photo_batch(batch_size, h, c)
+  else:
+    image = rng.standard_normal((batch_size, *model.input_shape)).astype(np.float32)
+  return {"image": image,
           "label": (np.arange(batch_size) % model.num_classes).astype(np.int32),
           "mask": np.ones((batch_size,), np.float32)}
 
@@ -329,6 +352,7 @@ def _run_backend(name: str, model: StagedModel, variables: Mapping, batch: Mappi
             f"(trusted {row['trusted_compute_s']:.3f} s)")
       _, after_stage = _counters(be)
       traffic = be.ledger_summary() if hasattr(be, "ledger_summary") else None
+      ranks = be.site_ranks()  # after the counters: a STATS call of its own
       crossed = {name: (crossed_bytes(traffic, c) - crossed_bytes(ledger_before, c))
                  / settings.repeats for name, c in (("all", None),
                                                     ("residuals", RESIDUAL_CLASSES))}
@@ -338,7 +362,7 @@ def _run_backend(name: str, model: StagedModel, variables: Mapping, batch: Mappi
             "precompute_s": precompute,
             "trusted_peak_rss_bytes": peak,
             "stages": stage_breakdown(before_stage, after_stage, settings.repeats),
-            "bytes_per_repeat": crossed, "ledger": traffic}
+            "bytes_per_repeat": crossed, "ledger": traffic, "ranks": ranks}
   return result
 
 
@@ -419,6 +443,7 @@ def roofline_figures(model: StagedModel, settings: BenchmarkSettings, result: Ma
     return None
   plan = bk.make_plan_for(result["backend"], model, settings.batch_size,
                           settings.decomposition)
+  plan = plan_lib.with_ranks(model, plan, result.get("ranks") or {})
   costs = roofline.stage_costs(model, plan, settings.batch_size, settings.mode == "train",
                                whole_step="whole_step/0" in measured)
   return roofline.compare(costs, roofline.Peaks.from_dict(peaks),
@@ -430,7 +455,6 @@ def roofline_figures(model: StagedModel, settings: BenchmarkSettings, result: Ma
 def run(settings: BenchmarkSettings, *, workdir: str | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs every backend on every model; returns the JSON-ready report."""
-  from asymml_jax import plan as plan_lib  # pylint: disable=g-import-not-at-top
   cores = None
   if settings.pin:
     cores = split_cores(available_cores())
@@ -449,7 +473,7 @@ def run(settings: BenchmarkSettings, *, workdir: str | None = None,
       model = get_model(mname, input_shape=(settings.input_size, settings.input_size,
                                             settings.channels), width=settings.width)
       variables = model.init(jax.random.key(settings.seed))
-      batch = synthetic_batch(model, settings.batch_size, settings.seed)
+      batch = synthetic_batch(model, settings.batch_size, settings.seed, settings.images)
       plan = plan_lib.make_plan(model, settings.batch_size, settings.decomposition)
       rows = {}
       for name in settings.backends:
@@ -463,12 +487,15 @@ def run(settings: BenchmarkSettings, *, workdir: str | None = None,
         r["ratio_trusted_vs_tee_only"] = (base["trusted_compute_s"] / med["trusted_compute_s"]
                                           if med["trusted_compute_s"] > 0 else None)
         r["roofline"] = roofline_figures(model, settings, r, peaks)
+      if "enclave" in rows:  # the ranks the enclave compiled with (calibrated or not)
+        plan = plan_lib.with_ranks(model, plan, rows["enclave"]["ranks"])
       report["models"][mname] = {
           "plan": {"trusted_mac_ratio_forward": plan.trusted_mac_ratio,
                    "trusted_mac_ratio_train": plan.trusted_mac_ratio_train,
                    "trusted_macs": plan.trusted_macs, "dense_macs": plan.dense_macs,
                    "bytes_across": plan.bytes_across,
-                   "modes": {s: p.mode for s, p in plan.sites.items()}},
+                   "modes": {s: p.mode for s, p in plan.sites.items()},
+                   "ranks": bk.plan_ranks(plan)},
           "backends": rows,
           "bridge": bridge_figures(rows["enclave"]) if "enclave" in rows else None}
   finally:

@@ -236,6 +236,13 @@ class _EnclaveConnection:
     t = self.client.timing if getattr(self, "client", None) else {}
     return dict(t)
 
+  def site_ranks(self) -> dict[str, int]:
+    """The enclave's static rank per split site (``site_ranks`` in the ledger)."""
+    template = {site: jax.ShapeDtypeStruct((), np.int32) for site in bk.plan_ranks(self.plan)}
+    _, out = self.client.call(Op.STATS, meta={"ranks": True},
+                              expect={"ranks": ("site_ranks", template)})
+    return {site: int(r) for site, r in (out["ranks"] or {}).items()}
+
   def ledger_summary(self) -> dict[str, list]:
     c = self.client
     return {"to_enclave": c.traffic_out.summary(), "to_untrusted": c.traffic_in.summary()}

@@ -62,6 +62,12 @@ LEDGER: dict[str, TensorClass] = {c.name: c for c in [
     TensorClass("whole_gradient", TO_UNTRUSTED, "shape of each parameter",
                 "aggregate over the batch", "tee_only backend",
                 "all gradients of the TEE-only baseline"),
+    TensorClass("site_ranks", TO_UNTRUSTED, "int32 scalar per split site",
+                "rank_plan=fraction: a function of the architecture (public); "
+                "rank_plan=calibrate: chosen once from the first batch's energy spectra, "
+                "also visible in the enclave's timing, not covered by epsilon (refused "
+                "with privacy on)", "on request (STATS), for the plan and benchmark tables",
+                "the static rank each split site is compiled with"),
     TensorClass("public_weights", TO_ENCLAVE, "shape of each parameter",
                 "public by design (architecture, weights, optimizer state)", "always",
                 "weights the trusted stages need"),

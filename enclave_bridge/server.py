@@ -347,13 +347,23 @@ class EnclaveServer:
     return {"compute_s": dt}, self._write(out)
 
   def _on_stats(self, msg: pr.Message):
+    tensors = ()
+    if msg.meta.get("ranks"):
+      if getattr(self, "executor", None) is None:
+        raise pr.StateError("no plan yet: HELLO first")
+      tensors = self._write([("ranks", "site_ranks", site_ranks(self.executor.plan))])
     return {"compute_s_total": self.compute_seconds, "copy_s_total": self.copy_seconds,
             "overlap_s_total": self.overlap_seconds,
             "calls": self.calls, "poisson_truncated_steps": getattr(self, "truncated_steps", 0),
             "traffic_in": self.traffic_in.summary(),
             "traffic_out": self.traffic_out.summary(),
             "open_steps": list(getattr(self, "executor", None).open_steps
-                               if getattr(self, "executor", None) else [])}, ()
+                               if getattr(self, "executor", None) else [])}, tensors
+
+
+def site_ranks(plan) -> dict[str, np.ndarray]:
+  """The static rank of every split site, as the STATS reply carries it (``site_ranks``)."""
+  return {site: np.asarray(sp.r_max, np.int32) for site, sp in plan.sites.items() if sp.split}
 
   def _on_shutdown(self, msg: pr.Message):
     self.shutdown = True

@@ -6,6 +6,8 @@ Usage:
       --batch_size=4 --pin
   python -m experiments.benchmark --mode=train --models=vgg16,resnet20 \
       --input_size=32 --batch_size=32 --pin
+  python -m experiments.benchmark --mode=infer --models=vgg16 --input_size=224 \
+      --batch_size=4 --pin --rank_plan=calibrate
 
 Every listed backend runs the same model, weights and batch shape in this one
 run (warm-up excluded, ``--repeats`` timed repetitions, medians); the report
@@ -56,6 +58,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Weights and synthetic images.")
 _ROOFLINE = flags.DEFINE_bool("roofline", True,
                               "Measure the enclave core's matmul and stream peaks and report "
                               "every trusted stage against its roofline time.")
+_RANK_PLAN = flags.DEFINE_enum("rank_plan", "fraction", ["fraction", "calibrate"],
+                               "Static ranks from --rank_fraction, or calibrated per site "
+                               "on the first batch (residual energy <= --tau).")
+_TAU = flags.DEFINE_float("tau", 0.1, "Residual-energy threshold of the rank choice.")
+_IMAGES = flags.DEFINE_enum("images", "photos", ["photos", "noise"],
+                            "scikit-image photographs or standard-normal noise.")
 _JSON = flags.DEFINE_string("json", None, "JSON report (default runs/benchmark/<mode>.json).")
 _PLOT = flags.DEFINE_string("plot", None, "PNG plot (default next to the JSON).")
 
@@ -71,7 +79,8 @@ def main(argv: Sequence[str]) -> None:
         repeats=_REPEATS.value, warmup=_WARMUP.value, width=_WIDTH.value,
         rank_fraction=_RANK.value, num_iters=_ITERS.value, scope=_SCOPE.value,
         pin=_PIN.value, enclave_threads=_THREADS.value, untrusted_device=_DEVICE.value,
-        seed=_SEED.value, roofline=_ROOFLINE.value)
+        seed=_SEED.value, roofline=_ROOFLINE.value, rank_plan=_RANK_PLAN.value,
+        tau=_TAU.value, images=_IMAGES.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   json_path = _JSON.value or os.path.join("runs", "benchmark", f"{settings.mode}.json")

@@ -148,3 +148,11 @@ def test_dense_plan_has_no_trusted_macs_and_tee_only_plan_no_untrusted():
   t = bk.make_plan_for("tee_only", model, 4, DecompositionConfig())
   assert d.trusted_macs == 0 and d.untrusted_macs > 0
   assert t.untrusted_macs == 0 and t.trusted_mac_ratio == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["inline", "local"])
+def test_calibrated_ranks_need_the_enclave_backend(name):
+  model = get_model("vgg11", width=0.125)
+  with pytest.raises(ValueError, match="enclave backend"):
+    bk.make_backend(name, model, key=jax.random.key(0), batch_size=2,
+                    decomposition=DecompositionConfig(rank_plan="calibrate"))

@@ -129,3 +129,44 @@ def test_boundary_layout_moves_split_kernels_one_stage_early(setup):
   n_next = sum(len(st.boundary_params(model, plan, params, k)["next"])
                for k in range(model.num_stages))
   assert n_split == n_next > 0
+
+
+def _forward_loss(ex, model, v, batch, tag=0):
+  params, stats = v["params"], v["batch_stats"]
+  ex.begin(tag, batch, train=False)
+  yr, loss = {}, None
+  for k in range(model.num_stages):
+    rs, loss, _, _ = ex.forward(tag, k, yr, st.boundary_params(model, ex.plan, params, k),
+                                st.stage_stats(stats, k))
+    if k < model.num_stages - 1:
+      yr = st.untrusted_group(model, ex.plan, k, params["convs"], rs)
+  return float(loss)
+
+
+def test_calibrated_ranks_are_fixed_once_and_keep_the_loss():
+  """rank_plan='calibrate': each split site compiles with the rank its first batch
+  needs; any rank keeps the split exact, so the loss is the fraction plan's."""
+  from asymml_jax import sample_images  # pylint: disable=g-import-not-at-top
+  from tests.helpers.tiny_model import tiny_staged_model  # pylint: disable=g-import-not-at-top
+  model = tiny_staged_model(input_shape=(16, 16, 3), channels=(16, 16, 8), norm="group")
+  v = model.init(jax.random.key(0))
+  batch = {"image": sample_images.photo_batch(2, 16), "label": np.array([0, 1], np.int32),
+           "mask": np.ones(2, np.float32)}
+  cfg = DecompositionConfig(rank_plan="calibrate", tau=0.05)
+  plan = make_plan(model, 2, cfg, force="per_sample")
+  ex = TrustedExecutor(model, plan, jax.random.key(1), overlap=True)
+  loss = _forward_loss(ex, model, v, batch)
+  split = [s for s, p in plan.sites.items() if p.split]
+  assert set(ex.ranks) == set(split)
+  assert {s: ex.plan.sites[s].r_max for s in split} == ex.ranks
+  assert any(ex.ranks[s] != plan.sites[s].r_max for s in split)  # the data moved them
+  assert ex.plan.sites["s0"].r_max == ex.ranks["s0"]
+  ref = TrustedExecutor(model, make_plan(model, 2, DecompositionConfig(tau=0.05),
+                                         force="per_sample"), jax.random.key(1), overlap=True)
+  np.testing.assert_allclose(loss, _forward_loss(ref, model, v, batch), rtol=1e-5)
+  # A second batch (noise: it would need more channels) does not recalibrate.
+  first = dict(ex.ranks)
+  noisy = dict(batch, image=np.random.default_rng(0).standard_normal((2, 16, 16, 3))
+               .astype(np.float32))
+  _forward_loss(ex, model, v, noisy, tag=1)
+  assert ex.ranks == first

@@ -36,6 +36,7 @@ import enclave_bridge
 from asymml_jax import backends as bk
 from asymml_jax import stages as st
 from asymml_jax import verify
+from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.models import get_model
 from enclave_bridge import ledger as lg
 from enclave_bridge import protocol as pr
@@ -316,6 +317,17 @@ def test_central_invariant_vgg11_across_the_process_boundary(tmp_path, track_bac
   _assert_no_orphans(track_backends, names)
 
 
+def test_central_invariant_with_calibrated_ranks(tmp_path, track_backends):
+  """rank_plan='calibrate': the enclave picks each site's rank from the batch it holds
+  (white noise here: high ranks); any rank keeps the split exact."""
+  result = verify.compare(get_model("vgg11", width=0.125), ["enclave"], batch_size=BATCH,
+                          decomposition=DecompositionConfig(rank_plan="calibrate"),
+                          prepare=enclave_bridge.verification_options(str(tmp_path), 10),
+                          floor=False)
+  _assert_invariant(result, ["enclave"])
+  _assert_no_orphans(track_backends, ["enclave"])
+
+
 @pytest.mark.slow  # ~50 s: a cold compile of resnet20's 20 stages in two processes
 def test_central_invariant_resnet20_enclave(tmp_path, track_backends):
   result = verify.compare(get_model("resnet20", width=0.25), ["enclave"], batch_size=BATCH,
@@ -383,6 +395,14 @@ def test_traffic_matches_the_ledger(shared, variables):
     assert lg.LEDGER[cls].direction == lg.TO_ENCLAVE
   # The recorder saw every reply frame.
   assert frames.count("frame") == backend.client.timing["calls"] - calls0
+
+
+def test_site_ranks_are_reported_through_the_ledger(shared):
+  backend, _ = shared
+  before = backend.client.traffic_in.count["site_ranks"]
+  ranks = backend.site_ranks()
+  assert ranks == bk.plan_ranks(backend.plan) and ranks  # rank_plan=fraction: the plan's
+  assert backend.client.traffic_in.count["site_ranks"] == before + len(ranks)
 
 
 def test_liveness_follows_the_process(shared):

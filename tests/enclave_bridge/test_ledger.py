@@ -34,7 +34,7 @@ def test_every_class_is_declared_completely():
 def test_directions_of_the_known_classes():
   to_untrusted = {"activation_residual", "output_gradient", "output_gradient_residual",
                   "trusted_weight_gradient",
-                  "batch_statistics", "loss", "metrics", "whole_gradient"}
+                  "batch_statistics", "loss", "metrics", "whole_gradient", "site_ranks"}
   to_enclave = {"public_weights", "public_batch_stats", "conv_output_residual",
                 "residual_gradient", "loss_gradient"}
   assert set(lg.LEDGER) == to_untrusted | to_enclave
