@@ -17,8 +17,10 @@ that backward of stage ``k+1`` left in the state, so the sum
 gradient protection, ``dR`` is itself the sum of the accelerator's
 ``conv^T(dY_R, W)`` and the TEE's ``conv^T(dY_L, W)``, which stage ``k+1``
 leaves as the cotangent of the released residual it kept (``priv['r']``).  Calls are
-idempotent for a repeated ``(tag, stage)``; a step's state is dropped when the
-backward of stage 0 is done (or :meth:`end` is called).
+idempotent for a repeated ``(tag, stage)`` (in an evaluation step, for its latest
+stage: what earlier stages left is freed as soon as the next one has run); a
+step's state is dropped when the backward of stage 0 is done (or :meth:`end` is
+called).
 
 Overlap (``overlap=True``, DESIGN section 3, step 3): parameters arrive in the
 :func:`asymml_jax.stages.boundary_params` layout, so stage ``k``'s call
@@ -223,6 +225,9 @@ class TrustedExecutor:
       (rs, priv_out, loss), (new_stats, metrics) = res
     s.priv[k + 1] = priv_out
     s.outputs[k] = (rs, loss, metrics, new_stats)
+    if not s.train:  # no backward: only the last answer may still be asked again
+      s.priv.pop(k, None)
+      s.outputs.pop(k - 1, None)
     if self.overlap and k + 1 < self.model.num_stages:
       self._pending[int(tag)] = k + 1  # one entry per open step: bounded without prefetch
     if not s.train and k == self.model.num_stages - 1:

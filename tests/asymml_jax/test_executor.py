@@ -170,3 +170,20 @@ def test_calibrated_ranks_are_fixed_once_and_keep_the_loss():
                .astype(np.float32))
   _forward_loss(ex, model, v, noisy, tag=1)
   assert ex.ranks == first
+
+
+def test_evaluation_frees_what_earlier_stages_left(setup):
+  """Inference keeps one stage's private state and answer at a time (enclave memory)."""
+  model, plan, v, batch = setup
+  ex = TrustedExecutor(model, plan, jax.random.key(1))
+  ex.begin(9, batch, train=False)
+  yr = {}
+  for k in range(model.num_stages - 1):
+    rs, _, _, _ = ex.forward(9, k, yr, st.stage_params(model, v["params"], k),
+                             st.stage_stats(v["batch_stats"], k))
+    s = ex._steps[9]  # pylint: disable=protected-access
+    assert set(s.priv) == {k + 1} and set(s.outputs) == {k}
+    assert ex.forward(9, k, yr, {}, {})[0] is rs  # the latest answer is still served
+    yr = st.untrusted_group(model, plan, k, v["params"]["convs"], rs)
+  with pytest.raises(ExecutorError, match="before stage"):
+    ex.forward(9, 0, {}, st.stage_params(model, v["params"], 0), {})
