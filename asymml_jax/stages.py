@@ -44,8 +44,8 @@ def empty_private() -> dict:
 
   ``carry`` (shortcuts), and per site: ``x`` (activations of fully trusted
   convs), ``p``/``u`` (principal channels), ``r`` (the released residual,
-  kept for the TEE's share of the weight gradient under gradient protection
-  and for the integrity checks) and ``probe`` (the backward integrity check's
+  kept in training for the TEE's share of the weight gradient under gradient
+  protection, and for the integrity checks) and ``probe`` (the backward integrity check's
   channel between the stage that released a residual and its readers,
   :func:`asymml_jax.integrity.watch_residual`).
   """
@@ -279,7 +279,7 @@ def combine_outputs(model: StagedModel, plan: Plan, k: int, params_k: dict,
         labels[c.name] = f"conv {c.name!r} (site {c.site!r})"
         if train:
           y_r = _tap_received(model, plan, c, y_r, yr[c.name], priv_in, p, key)
-      if plan.protects_gradients:
+      if plan.protects_gradients and train:  # only a backward pass releases dY
         y_r = grad_lib.protect_output(
             y_r, priv_in["r"][c.site], p["kernel"],
             gradient_key(key, model.conv_index(c.name)), gradient_release(model, plan, c))
@@ -354,7 +354,7 @@ def release(plan: Plan, k: int, xs: Mapping[str, jax.Array], key: jax.Array,
       d = dec.decompose(x, site_key(key, sp.index), sp.r_max, tau=cfg.tau,
                         num_iters=cfg.num_iters, scope=sp.mode, min_rank=cfg.min_rank)
       rs[site] = release_residual(plan, d.residual, key, sp.index)
-      if plan.protects_gradients or verify:
+      if (plan.protects_gradients and train) or verify:  # else a 2nd output: a copy of R
         priv_out["r"][site] = rs[site]
       if verify and train:
         rs[site], priv_out["probe"][site] = integrity.watch_residual(

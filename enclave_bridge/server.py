@@ -360,11 +360,6 @@ class EnclaveServer:
             "open_steps": list(getattr(self, "executor", None).open_steps
                                if getattr(self, "executor", None) else [])}, tensors
 
-
-def site_ranks(plan) -> dict[str, np.ndarray]:
-  """The static rank of every split site, as the STATS reply carries it (``site_ranks``)."""
-  return {site: np.asarray(sp.r_max, np.int32) for site, sp in plan.sites.items() if sp.split}
-
   def _on_shutdown(self, msg: pr.Message):
     self.shutdown = True
     return {}, ()
@@ -372,6 +367,11 @@ def site_ranks(plan) -> dict[str, np.ndarray]:
   def close(self) -> None:
     if self.arena is not None:
       self.arena.close()
+
+
+def site_ranks(plan) -> dict[str, np.ndarray]:
+  """The static rank of every split site, as the STATS reply carries it (``site_ranks``)."""
+  return {site: np.asarray(sp.r_max, np.int32) for site, sp in plan.sites.items() if sp.split}
 
 
 def serve(server: EnclaveServer, channel: Channel) -> None:
