@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +16,27 @@ from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.models import get_model
 
 TOL = 1e-4  # float32 summation-order differences only (DESIGN section 5)
+DEC = DecompositionConfig(rank_fraction=0.25, tau=0.1)
+B = 3  # the invariant's batch; the mechanics tests below reuse its model, batch and
+# decomposition, so their programs are the ones the invariant cases compiled (one
+# persistent XLA cache per run) and they spend their time on what they check
+
+
+# ResNet-8: the CIFAR ResNet layout of ResNet20 with one basic block per group
+# (6n + 2 layers, n = 1): an identity-shortcut block and two projection-shortcut
+# blocks, all three widths, but 8 stages instead of 20, so the local backend
+# compiles 8 trusted stage programs (and their VJPs) instead of 20.
+_SHALLOW = {"resnet8": dict(widths=(16, 32, 64), blocks=(1, 1, 1), imagenet_stem=False)}
 
 
 @functools.lru_cache(maxsize=None)
 def _model(name, width, size=32, channels=3, norm="batch"):
+  if name in _SHALLOW:
+    resnet_lib = importlib.import_module("asymml_jax.models.resnet")  # not the function
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setitem(resnet_lib.ARCHS, name, _SHALLOW[name])
+      return resnet_lib.resnet(name, input_shape=(size, size, channels), width=width,
+                               norm=norm)
   return get_model(name, input_shape=(size, size, channels), width=width, norm=norm)
 
 
@@ -29,7 +47,11 @@ CASES = [
     # runs the same callback hook and executor on it, across the process boundary
     ("vgg11", 0.25, 32, 3, "batch", None, "inline"),
     ("vgg11", 0.25, 32, 1, "group", None, BOTH),       # grayscale: first conv fully trusted
-    ("resnet20", 0.25, 32, 3, "batch", None, BOTH),
+    # the ResNet family in the default run: every block kind of ResNet20 (identity and
+    # projection shortcuts, the carry across stages), in 8 stages
+    ("resnet8", 0.25, 32, 3, "batch", None, BOTH),
+    # ResNet20 itself: 20 stages, ~2 min of local-backend compilation on 2 cores
+    pytest.param("resnet20", 0.25, 32, 3, "batch", None, BOTH, marks=pytest.mark.slow),
     # per_batch scope: also covered by test_layers/test_ops; kept out of the default run for time
     pytest.param("vgg11", 0.25, 32, 3, "group", "per_batch", BOTH, marks=pytest.mark.slow),
     # Known (issues 2/3): inline and local agree to 1e-7 with each other but sit at
@@ -46,8 +68,7 @@ def test_split_backends_match_dense(name, width, size, channels, norm, force, ba
   model = _model(name, width, size, channels, norm)
   floor = name == "resnet18"
   backends = backends.split("+")
-  result = verify.compare(model, backends, batch_size=3,
-                          decomposition=DecompositionConfig(rank_fraction=0.25, tau=0.1),
+  result = verify.compare(model, backends, batch_size=B, decomposition=DEC,
                           force=force, floor=floor)
   assert {r["name"] for r in result["backends"]} == set(backends)
   assert result["max_rel_err_loss"] <= TOL, result
@@ -66,14 +87,13 @@ def test_comparison_detects_a_wrong_backend(monkeypatch):
   model = _model("vgg11", 0.25)
   key = jax.random.key(0)
   v = model.init(key)
-  batch = verify.random_batch(model, 2)
-  ref = bk.make_backend("dense", model, key=key, batch_size=2).grads(
+  batch = verify.random_batch(model, B)
+  ref = bk.make_backend("dense", model, key=key, batch_size=B).grads(
       v["params"], v["batch_stats"], batch, 0)
   orig = stages.ops.lowrank_conv
   monkeypatch.setattr(stages.ops, "lowrank_conv",
                       lambda p, u, w, spec: 0.0 * orig(p, u, w, spec))
-  out = bk.make_backend("inline", model, key=key, batch_size=2,
-                        decomposition=DecompositionConfig(rank_fraction=0.25)).grads(
+  out = bk.make_backend("inline", model, key=key, batch_size=B, decomposition=DEC).grads(
                             v["params"], v["batch_stats"], batch, 0)
   assert max(verify.tree_rel_errs(out[1], ref[1]).values()) > 100 * TOL
 
@@ -81,9 +101,10 @@ def test_comparison_detects_a_wrong_backend(monkeypatch):
 def test_inline_train_step_compiles_once():
   model = _model("vgg11", 0.25)
   v = model.init(jax.random.key(0))
-  be = bk.make_backend("inline", model, key=jax.random.key(1), batch_size=2)
+  be = bk.make_backend("inline", model, key=jax.random.key(1), batch_size=B,
+                       decomposition=DEC)
   for step in range(3):
-    batch = verify.random_batch(model, 2, seed=step)
+    batch = verify.random_batch(model, B, seed=step)
     be.grads(v["params"], v["batch_stats"], batch, step)
   assert be._grad._cache_size() == 1
 
@@ -102,16 +123,17 @@ def test_local_backend_program_never_sees_private_inputs():
 
 
 def test_local_backend_drops_step_state_and_rejects_bad_batches():
-  model = _model("vgg11", 0.25)
+  model = _model("vgg11", 0.25, 32, 1, "group")  # the grayscale invariant case's programs
   v = model.init(jax.random.key(0))
-  be = bk.make_backend("local", model, key=jax.random.key(1), batch_size=2)
-  batch = verify.random_batch(model, 2)
+  be = bk.make_backend("local", model, key=jax.random.key(1), batch_size=B,
+                       decomposition=DEC)
+  batch = verify.random_batch(model, B)
   be.grads(v["params"], v["batch_stats"], batch, 7)
   m = be.evaluate(v["params"], v["batch_stats"], batch, 0)
-  assert float(m["count"]) == 2.0
+  assert float(m["count"]) == B
   assert be.executor.open_steps == ()
   assert be.executor._pending == {}  # nothing kept per finished step (it never prefetches)
-  bad = dict(batch, image=batch["image"][..., :1])
+  bad = dict(batch, image=np.repeat(batch["image"], 3, axis=-1))
   with pytest.raises(ValueError, match=r"expects images of shape"):
     be.grads(v["params"], v["batch_stats"], bad, 8)
   with pytest.raises(ValueError, match="needs the batch"):

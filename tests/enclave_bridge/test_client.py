@@ -308,8 +308,11 @@ def _assert_no_orphans(backends, names):
 def test_central_invariant_vgg11_across_the_process_boundary(tmp_path, track_backends):
   # inline and local are checked against dense in tests/asymml_jax/test_backends.py
   names = ["enclave", "tee_only"]
+  # floor=False: the bound is TOL itself, so the float32 floor (one more dense
+  # compilation) is not needed
   result = verify.compare(get_model("vgg11", width=0.125), names, batch_size=BATCH,
-                          prepare=enclave_bridge.verification_options(str(tmp_path), 10))
+                          prepare=enclave_bridge.verification_options(str(tmp_path), 10),
+                          floor=False)
   _assert_invariant(result, names)
   rows = {r["name"]: r for r in result["backends"]}
   assert "per_sample" in rows["enclave"]["modes"]  # really split, not all trusted
