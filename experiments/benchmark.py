@@ -34,6 +34,7 @@ from absl import flags
 from asymml_jax.train import write_json_atomic
 from enclave_bridge import allocator
 from enclave_bridge import benchmark
+from enclave_bridge import benchmark_report
 
 _MODE = flags.DEFINE_enum("mode", "train", list(benchmark.MODES), "train or infer.")
 _MODELS = flags.DEFINE_list("models", ["vgg16"], "Models to benchmark.")
@@ -90,8 +91,8 @@ def main(argv: Sequence[str]) -> None:
   allocator.reuse_freed_memory()
   report = benchmark.run(settings, log=lambda s: print(s, flush=True))
   write_json_atomic(json_path, report)
-  benchmark.plot(report, plot_path)
-  print(benchmark.format_table(report))
+  benchmark_report.plot(report, plot_path)
+  print(benchmark_report.format_table(report))
   print(f"wrote {json_path} and {plot_path}")
 
 
