@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -142,11 +143,52 @@ def pool(x: jax.Array, kind: str, window: int, stride: int, padding: int = 0) ->
   """
   pads = ((padding, padding), (padding, padding))
   if kind == "max":
+    if window == stride and not padding and x.shape[1] % window == 0 and x.shape[2] % window == 0:
+      return tile_max_pool(x, window)
     return nn.max_pool(x, (window, window), (stride, stride), pads)
   if kind == "avg":
     return nn.avg_pool(x, (window, window), (stride, stride), pads,
                        count_include_pad=True)
   raise ValueError(f"pool kind must be 'max' or 'avg', got {kind!r}")
+
+
+def _tiles(x: jax.Array, k: int) -> list[jax.Array]:
+  """The ``k*k`` strided slices ``x[:, i::k, j::k]``, window positions in row-major order."""
+  return [x[:, i::k, j::k, :] for i in range(k) for j in range(k)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def tile_max_pool(x: jax.Array, k: int) -> jax.Array:
+  """Max pooling over non-overlapping ``k x k`` tiles (``H`` and ``W`` multiples of ``k``).
+
+  The same function and gradient as ``nn.max_pool(x, (k, k), (k, k))``: the
+  gradient goes to the first maximum of each window in row-major order, as
+  XLA's select-and-scatter does.  Its VJP keeps only that index (``int8``, a
+  sixteenth of ``x``'s bytes at ``k = 2``) and scatters with elementwise
+  selects; XLA CPU's select-and-scatter ran 36x slower at 32x32x64, batch 32.
+  """
+  return functools.reduce(jnp.maximum, _tiles(x, k))
+
+
+def _tile_max_pool_fwd(x: jax.Array, k: int):
+  tiles = _tiles(x, k)
+  y = functools.reduce(jnp.maximum, tiles)
+  first = jnp.full(y.shape, len(tiles) - 1, jnp.int8)
+  for t in reversed(range(len(tiles) - 1)):
+    first = jnp.where(tiles[t] == y, jnp.int8(t), first)
+  return y, first
+
+
+def _tile_max_pool_bwd(k: int, first: jax.Array, dy: jax.Array):
+  zero = jnp.zeros((), dy.dtype)
+  rows = [jnp.stack([jnp.where(first == i * k + j, dy, zero) for j in range(k)], axis=3)
+          for i in range(k)]  # each (B, Ho, Wo, k_j, C)
+  dx = jnp.stack(rows, axis=2)  # (B, Ho, k_i, Wo, k_j, C)
+  b, ho, _, wo, _, c = dx.shape
+  return (dx.reshape(b, ho * k, wo * k, c),)
+
+
+tile_max_pool.defvjp(_tile_max_pool_fwd, _tile_max_pool_bwd)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

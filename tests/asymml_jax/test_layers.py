@@ -259,6 +259,29 @@ def test_max_pool_3x3_stride_2_pad_1_golden():
   np.testing.assert_allclose(y[0, 0, 0, 0], -70.0 / 9.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_tile_max_pool_is_flax_max_pool_with_its_gradient(k):
+  rng = np.random.default_rng(k)
+  x = rng.standard_normal((2, 6 * k, 4 * k, 5)).astype(np.float32)
+  x[0, :k, :k, :] = 0.0                   # a window of exact ties: first position wins
+  x[1, k:2 * k, :k, 0] = x[1, k, 0, 0]
+  x = jnp.asarray(np.maximum(x, 0.0) if k == 2 else x)  # ReLU'd maps tie at zero
+  dy = jnp.asarray(rng.standard_normal((2, 6, 4, 5)).astype(np.float32))
+  ref = lambda v: nn.max_pool(v, (k, k), (k, k))
+  got = lambda v: layers.pool(v, "max", k, k)
+  y_ref, vjp_ref = jax.vjp(ref, x)
+  y, vjp = jax.vjp(got, x)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(vjp(dy)[0], vjp_ref(dy)[0])
+  assert np.count_nonzero(np.asarray(vjp(dy)[0])) == dy.size  # one position per window
+
+
+def test_pool_falls_back_when_tiles_do_not_fit():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 4, 2)).astype(np.float32))
+  np.testing.assert_array_equal(layers.pool(x, "max", 2, 2),
+                                nn.max_pool(x, (2, 2), (2, 2)))  # 5 rows: flax's VALID pool
+
+
 def test_pool_rejects_unknown_kind():
   with pytest.raises(ValueError, match="pool"):
     layers.pool(_x(), "min", 2, 2)
