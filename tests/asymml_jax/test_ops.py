@@ -223,3 +223,21 @@ def test_per_sample_conv_is_each_samples_conv(batch, rank, loop, strides, paddin
   want = jnp.concatenate([ops.conv(x[i:i + 1], kernels[i], strides, padding)
                           for i in range(batch)])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 2), (2, 0)), ((0, 0), (0, 0))])
+def test_fused_multiply_add_conv_and_its_gradient_are_each_samples_conv(rank, padding):
+  k = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(k[0], (3, 7, 6, rank))
+  kernels = jax.random.normal(k[1], (3, 3, 3, rank, 5))
+  assert rank <= ops.FMA_MAX_RANK  # the fused path
+  ours = lambda x, kern: ops.per_sample_conv(x, kern, (1, 1), padding)
+  ref = lambda x, kern: jnp.concatenate([ops.conv(x[i:i + 1], kern[i], (1, 1), padding)
+                                         for i in range(3)])
+  y, vjp = jax.vjp(ours, x, kernels)
+  y_ref, vjp_ref = jax.vjp(ref, x, kernels)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  dy = jax.random.normal(k[2], y.shape)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
