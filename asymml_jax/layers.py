@@ -154,6 +154,9 @@ def pool(x: jax.Array, kind: str, window: int, stride: int, padding: int = 0) ->
 
 def _tiles(x: jax.Array, k: int) -> list[jax.Array]:
   """The ``k*k`` strided slices ``x[:, i::k, j::k]``, window positions in row-major order."""
+  if x.ndim != 4 or k < 1 or x.shape[1] % k or x.shape[2] % k:
+    raise ValueError(f"tile_max_pool needs (B, H, W, C) maps with H and W multiples of k={k}, "
+                     f"got shape {tuple(x.shape)}")
   return [x[:, i::k, j::k, :] for i in range(k) for j in range(k)]
 
 

@@ -282,6 +282,11 @@ def test_pool_falls_back_when_tiles_do_not_fit():
                                 nn.max_pool(x, (2, 2), (2, 2)))  # 5 rows: flax's VALID pool
 
 
+def test_tile_max_pool_refuses_maps_that_are_not_whole_tiles():
+  with pytest.raises(ValueError, match="multiples of k=2"):
+    layers.tile_max_pool(jnp.zeros((1, 5, 4, 2)), 2)
+
+
 def test_pool_rejects_unknown_kind():
   with pytest.raises(ValueError, match="pool"):
     layers.pool(_x(), "min", 2, 2)
