@@ -133,9 +133,21 @@ def subspace_iteration(x2d: jax.Array, q0: jax.Array, num_iters: int) -> jax.Arr
   """
   q = q0
   for _ in range(num_iters):
-    z = x2d.T @ (x2d @ q)  # (C, r) = X X^T Q
+    z = rows_dot(x2d, x2d @ q)  # (C, r) = X X^T Q
     q, _ = jnp.linalg.qr(z)
   return q
+
+
+def rows_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a^T b`` over the rows of ``a`` ``(N, C)`` and ``b`` ``(N, k)``: ``(C, k)``.
+
+  Computed as ``(b^T a)^T`` with an optimization barrier before the
+  transpose, so that XLA CPU lays the product out with ``a``'s ``C`` minor.
+  Left to itself it picks the ``(C, k)`` layout for a thin ``b`` and a kernel
+  that runs 5-9x slower (``N = 3136, C = 256, k = 5``, batch 4: 6.9 against
+  0.8 ms on one core).
+  """
+  return jax.lax.optimization_barrier(jnp.matmul(b.T, a, precision=_HIGHEST)).T
 
 
 def rayleigh_ritz(x2d: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -487,6 +487,15 @@ def test_energy_fraction():
   np.testing.assert_allclose(dec.energy_fraction(x, eye), 1.0, rtol=1e-5)
 
 
+def test_rows_dot_is_a_transpose_b_over_rows():
+  a, b = _normal(3, (2, 40, 6)), _normal(4, (2, 40, 3))
+  want = np.swapaxes(a, -1, -2).astype(np.float64) @ b
+  got = np.asarray(jax.vmap(dec.rows_dot)(jnp.asarray(a), jnp.asarray(b)))
+  assert got.shape == (2, 6, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dec.rows_dot(a[0], b[0]), want[0], rtol=1e-5,
+                             atol=1e-5)
+
 # ----------------------------------------------------------------------------
 # Clipping
 # ----------------------------------------------------------------------------
