@@ -141,12 +141,14 @@ def subspace_iteration(x2d: jax.Array, q0: jax.Array, num_iters: int) -> jax.Arr
 def rows_dot(a: jax.Array, b: jax.Array) -> jax.Array:
   """``a^T b`` over the rows of ``a`` ``(N, C)`` and ``b`` ``(N, k)``: ``(C, k)``.
 
-  Computed as ``(b^T a)^T`` with an optimization barrier before the
-  transpose, so that XLA CPU lays the product out with ``a``'s ``C`` minor.
-  Left to itself it picks the ``(C, k)`` layout for a thin ``b`` and a kernel
-  that runs 5-9x slower (``N = 3136, C = 256, k = 5``, batch 4: 6.9 against
-  0.8 ms on one core).
+  Computed as ``(b^T a)^T`` with optimization barriers around it, so that
+  XLA CPU lays the product out with ``a``'s ``C`` minor and does not fold
+  the transpose into the product that made ``b``.  Left to itself it picks
+  kernels that run 5-9x slower (``N = 3136, C = 256, k = 5``, batch 4: 6.9
+  against 0.8 ms on one core); in :func:`subspace_iteration` the folded
+  ``x2d @ q`` turned into ``(q^T x2d^T)`` at 4x the cost.
   """
+  b = jax.lax.optimization_barrier(b)
   return jax.lax.optimization_barrier(jnp.matmul(b.T, a, precision=_HIGHEST)).T
 
 
@@ -160,7 +162,7 @@ def rayleigh_ritz(x2d: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
   Returns:
     ``(q_sorted, energies)`` with energies descending.
   """
-  p = x2d @ q
+  p = jax.lax.optimization_barrier(x2d @ q)  # see rows_dot
   b = p.T @ p
   evals, evecs = jnp.linalg.eigh(b)
   evals = evals[::-1]
@@ -209,7 +211,7 @@ def gram_subspace(gram: jax.Array, q0: jax.Array, num_iters: int
 
 
 # Form X X^T when a sample has at least this many pixels per channel
-# (measured crossover on XLA CPU: about 12; see gram_subspace).
+# (measured crossover on XLA CPU: 16-32; see gram_subspace and rows_dot).
 GRAM_MIN_PIXELS_PER_CHANNEL = 16
 # The subspace is estimated from at most about this many pixels per channel
 # (see pixel_sample).
