@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from asymml_jax import host_threads
 from asymml_jax import integrity
 from asymml_jax import parallel
 from asymml_jax import stages as st
@@ -312,6 +313,7 @@ class HostBackend(Backend):
   def __init__(self, model: StagedModel, plan: Plan, *, name: str,
                residual_dtype: Any = None, mesh: Mesh | None = None):
     parallel.check_callback_mesh(mesh, f"the {name} backend")
+    host_threads.check_callback_threads(name)
     self.name, self.model, self.plan = name, model, plan
     self._residual_dtype = residual_dtype
     self.mesh = mesh
