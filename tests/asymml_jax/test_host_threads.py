@@ -1,4 +1,4 @@
-"""Host callbacks on a one-CPU process: the pool setting and a real run."""
+"""Host callbacks on a one-CPU process: the pool setting, and real local and enclave runs."""
 
 from __future__ import annotations
 
@@ -54,11 +54,48 @@ print("affinity", len(os.sched_getaffinity(0)), "PJRT_NPROC", os.environ.get("PJ
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
-def test_local_backend_trains_with_one_cpu():
-  """Without the pool setting this hangs in the first callback (the timeout fails it)."""
-  out = subprocess.run([sys.executable, "-c", textwrap.dedent(_ONE_CPU_LOCAL)], cwd=REPO,
-                       capture_output=True, text=True, timeout=240,
+_ONE_CPU_ENCLAVE = """
+import os, sys, tempfile
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import jax, numpy as np
+import enclave_bridge  # registers the process backends
+from asymml_jax import backends as bk
+from asymml_jax.models import get_model
+from tests.helpers import enclave as he
+d = tempfile.mkdtemp()
+sealed, key = he.seal_to(he.random_dataset(n_train=16, n_test=8), d)
+model = get_model("vgg11", width=0.125)
+v = jax.device_get(model.init(jax.random.key(0)))
+be = bk.make_backend("enclave", model, key=jax.random.key(1), batch_size=4, sealed_path=sealed,
+                     key_path=key, workdir=d, eval_batch_size=4)
+try:
+  losses = [float(be.grads(v["params"], v["batch_stats"], None, s)[0]) for s in range(2)]
+finally:
+  be.close()
+assert all(np.isfinite(losses)), losses
+print("affinity", len(os.sched_getaffinity(0)), "losses", losses)
+"""
+
+
+def _run_with_one_cpu(script: str, expect: str) -> None:
+  """Runs ``script`` in a fresh interpreter with ``PJRT_NPROC`` unset; a hang fails by timeout."""
+  out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
                        env={k: v for k, v in os.environ.items() if k != ht.ENV})
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "affinity 1 PJRT_NPROC 2 loss" in out.stdout
+  assert expect in out.stdout
+
+
+one_cpu = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+
+
+@one_cpu
+def test_local_backend_trains_with_one_cpu():
+  """Without the pool setting this hangs in the first callback."""
+  _run_with_one_cpu(_ONE_CPU_LOCAL, "affinity 1 PJRT_NPROC 2 loss")
+
+
+@one_cpu
+def test_enclave_backend_trains_with_one_cpu():
+  """The enclave client's callbacks read ``jax.Array`` arguments: the same hang without it."""
+  _run_with_one_cpu(_ONE_CPU_ENCLAVE, "affinity 1 losses")
