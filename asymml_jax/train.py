@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from asymml_jax import backends as bk
 from asymml_jax import data as data_lib
 from asymml_jax import distributed as dist
+from asymml_jax import faults
 from asymml_jax import parallel
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.layers import NORMS
@@ -542,7 +543,7 @@ def _train_and_evaluate(config, workdir, backend_options, log, group) -> dict[st
   aug_rng = np.random.default_rng([cfg.seed, 1])
   t_start = time.perf_counter()
   t_window, n_window, window = time.perf_counter(), 0, []
-  completed = start  # steps whose update is in `state`
+  completed, evaluating = start, False  # steps whose update is in `state`
   try:
     with backend:
       if ds is not None and dp.expected_batch_size:
@@ -581,6 +582,7 @@ def _train_and_evaluate(config, workdir, backend_options, log, group) -> dict[st
         if done % cfg.checkpoint_every == 0 or done == total_steps:
           mngr.save(done, state)
       train_seconds = time.perf_counter() - t_start
+      evaluating = True  # (for a fault's message)
       ev = evaluate(backend, state, None if ds is None else ds.test_images,
                     None if ds is None else ds.test_labels, cfg.eval_batch_size,
                     num_examples=int(info["num_test"]), group=group)
@@ -595,6 +597,10 @@ def _train_and_evaluate(config, workdir, backend_options, log, group) -> dict[st
             f"checkpoint at step {completed}", flush=True)
       mngr.save(completed, state)
     mngr.wait_until_finished()
+    raise
+  except Exception as e:  # the first line a user sees says what to do
+    mngr.wait_until_finished()
+    faults.annotate(e, None if evaluating else completed, mngr.latest_step())
     raise
   finally:
     mngr.wait_until_finished()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -26,42 +27,74 @@ import jax
 import numpy as np
 
 from asymml_jax import backends as bk
+from asymml_jax import faults
 from asymml_jax import stages as st
 from asymml_jax.models.base import StagedModel
 from asymml_jax.plan import Plan
+from enclave_bridge import auth
 from enclave_bridge import ledger as lg
 from enclave_bridge import protocol as pr
 from enclave_bridge.transport import Arena, Channel, ChannelClosed, receive, send_parts
+from enclave_bridge.watchdog import ProgressWatchdog
 
 Op = pr.Op
 
 
-class EnclaveDied(RuntimeError):
+class EnclaveDied(faults.TrustedSideFault):
   """The enclave process exited or closed the connection."""
 
 
-class EnclaveTimeout(RuntimeError):
+class EnclaveTimeout(faults.TrustedSideFault):
   """The enclave did not answer within the call timeout."""
+
+
+class EnclaveHung(EnclaveTimeout):
+  """Neither process made progress for ``bridge.watchdog_s`` while a call was in flight."""
+
+
+def describe_exit(returncode: int | None) -> str:
+  """``"died (SIGKILL)"``, ``"exited with code 2"`` or ``"has exited"``."""
+  if returncode is None:
+    return "has exited"
+  if returncode < 0:
+    try:
+      return f"died ({signal.Signals(-returncode).name})"
+    except ValueError:
+      return f"died (signal {-returncode})"
+  return f"exited with code {returncode}"
+
+
+def describe_call(op: Op, tag: int, stage: int) -> str:
+  """``"FORWARD stage 3 of step 12"`` (negative tags are evaluation batches)."""
+  where = f"step {tag}" if tag >= 0 else f"evaluation batch {-1 - tag}"
+  return f"{op.name} stage {stage} of {where}" if op in (Op.FORWARD, Op.BACKWARD) else (
+      f"{op.name} of {where}")
 
 
 class BridgeClient:
   """Request/reply calls to the enclave process.
 
   Args:
-    socket_path: the enclave's control socket.
+    address: the enclave's control socket: a Unix path or ``tcp://127.0.0.1:PORT``.
     alive: returns False once the enclave process is gone (for fast failure).
     region_bytes: size of each arena region.
     call_timeout: seconds one call may take before :class:`EnclaveTimeout`.
     recorder: optional ``recorder(kind, payload)`` called with every received
       frame (``"frame"``, bytes) and tensor (``"tensor"``, (desc, array)).
+    exit_status: the enclave's exit status once it is gone (for the message).
+    watchdog: turns a call during which neither side progresses into
+      :class:`EnclaveHung` (``watchdog.py``).
   """
 
-  def __init__(self, socket_path: str, *, alive: Callable[[], bool] = lambda: True,
+  def __init__(self, address: str, *, alive: Callable[[], bool] = lambda: True,
                region_bytes: int = 256 << 20, call_timeout: float = 600.0,
                connect_timeout: float = 60.0,
-               recorder: Callable[[str, Any], None] | None = None):
+               recorder: Callable[[str, Any], None] | None = None,
+               exit_status: Callable[[], int | None] = lambda: None,
+               watchdog: ProgressWatchdog | None = None):
     self.alive, self.call_timeout, self.recorder = alive, call_timeout, recorder
-    self.channel = Channel.connect(socket_path, timeout=connect_timeout)
+    self.exit_status, self.watchdog = exit_status, watchdog
+    self.channel = Channel.connect(address, timeout=connect_timeout)
     self.arena = Arena.create(region_bytes)
     self.seq = 0
     self.traffic_out, self.traffic_in = lg.Traffic(), lg.Traffic()
@@ -77,11 +110,21 @@ class BridgeClient:
         return self.channel.recv(timeout=0.25)
       except socket.timeout:
         if not self.alive():
-          raise EnclaveDied("the enclave process has exited") from None
+          raise EnclaveDied(f"the enclave process {describe_exit(self.exit_status())}") from None
+        if self.watchdog is not None and self.watchdog.stalled():
+          raise EnclaveHung(f"the enclave hangs: {self.watchdog.report()}") from None
         if time.monotonic() > deadline:
           raise EnclaveTimeout(f"no answer from the enclave within {self.call_timeout:.0f} s") from None
       except (ChannelClosed, ConnectionError) as e:
-        raise EnclaveDied(f"the enclave closed the connection ({e})") from None
+        raise EnclaveDied(self._closed_reason(e)) from None
+
+  def _closed_reason(self, error: BaseException) -> str:
+    """Why the socket closed: the process's death if it follows within 1 s."""
+    for _ in range(20):
+      if not self.alive():
+        return f"the enclave process {describe_exit(self.exit_status())}"
+      time.sleep(0.05)
+    return f"the enclave closed the connection ({error})"
 
   def call(self, op: Op, *, tag: int = 0, stage: int = 0, meta: Mapping | None = None,
            parts: tuple = (), expect: Mapping[str, Any] | None = None
@@ -111,7 +154,15 @@ class BridgeClient:
       raise EnclaveTimeout("the enclave stopped reading requests") from None
     except OSError as e:  # EPIPE / ECONNRESET: the enclave is gone
       raise EnclaveDied(f"the enclave closed the connection ({e})") from None
-    body = self._recv()
+    dog = self.watchdog
+    if dog is not None:
+      dog.waiting_for = describe_call(op, tag, stage)
+    try:
+      body = self._recv()
+    finally:
+      if dog is not None:
+        dog.waiting_for = ""
+        dog.beat()
     t2 = time.perf_counter()
     if self.recorder is not None:
       self.recorder("frame", body)
@@ -180,7 +231,8 @@ class _EnclaveConnection:
     self._own_dirs: list[str] = []
     self._workdir = opts.get("workdir") or self._own_dir("asymml-enclave-")
     os.makedirs(self._workdir, exist_ok=True)
-    socket_path = opts.get("socket_path") or os.path.join(
+    transport = opts.get("transport") or None
+    socket_path = "" if transport == "tcp" else opts.get("socket_path") or os.path.join(
         self._own_dir("asymml-sock-"), "enclave.sock")
     for name in ("sealed_path", "key_path"):
       if not opts.get(name):
@@ -188,18 +240,25 @@ class _EnclaveConnection:
                          "enclave_bridge.seal --help`)")
       if not os.path.exists(opts[name]):
         raise FileNotFoundError(f"bridge.{name}: {opts[name]} does not exist")
-    spec = launcher.EnclaveSpec(mode=opts.get("mode", "subprocess"), socket_path=socket_path,
+    spec = launcher.EnclaveSpec(mode=opts.get("mode", "subprocess"), transport=transport,
+                                socket_path=socket_path,
                                 sealed_path=opts["sealed_path"], key_path=opts["key_path"],
                                 threads=int(opts.get("threads", 1)), workdir=self._workdir)
+    self.watchdog = ProgressWatchdog(lambda: getattr(getattr(self, "process", None), "pid", None),
+                                     float(opts.get("watchdog_s", 30.0)))
     self.process = launcher.EnclaveProcess(spec).start(timeout=float(opts.get("start_timeout", 120)))
     try:
-      self.client = BridgeClient(socket_path, alive=lambda: self.process.alive(),
+      self.client = BridgeClient(self.process.address, alive=lambda: self.process.alive(),
                                  region_bytes=int(opts.get("arena_mb", 256)) << 20,
                                  call_timeout=float(opts.get("call_timeout", 600)),
-                                 recorder=opts.get("recorder"))
+                                 recorder=opts.get("recorder"),
+                                 exit_status=lambda: self.process.returncode,
+                                 watchdog=self.watchdog)
       hello = _hello_config(backend, model, plan, opts)
-      hello.update(arena=self.client.arena.name, region=self.client.arena.region)
+      hello.update(arena=self.client.arena.name, region=self.client.arena.region,
+                   **auth.hello_fields(self.process.secret))
       self.info, _ = self.client.call(Op.HELLO, meta=hello)
+      auth.check_reply(self.process.secret, hello, self.info)
     except BaseException:
       self.process.stop()
       self._remove_own_dirs(keep=(self._workdir,))
@@ -210,6 +269,8 @@ class _EnclaveConnection:
                        f"the model expects {model.input_shape}")
 
   def close(self) -> None:
+    if getattr(self, "watchdog", None) is not None:
+      self.watchdog.close()
     client = getattr(self, "client", None)
     if client is not None:
       client.close()
@@ -279,13 +340,15 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
     meta, _ = self.client.call(Op.BEGIN, tag=tag, meta={"train": train,
                                                        "index": -1 - tag if tag < 0 else 0})
     self._train_of[tag] = (train, int(meta["batch_size"]))
+    self.watchdog.arm()
     # Outside the jitted step: building the signatures runs JAX, which a callback
     # on a multi-device CPU mesh must not (asymml_jax.parallel, "CPU meshes").
     self._signatures(train, int(meta["batch_size"]))
     return int(meta["batch_size"])
 
   def _end(self, tag):
-    self._train_of.pop(tag, None)
+    if self._train_of.pop(tag, None) is not None:
+      self.watchdog.disarm()
     if getattr(self, "client", None) is not None:
       try:
         self.client.call(Op.END, tag=tag)
@@ -355,6 +418,7 @@ class TeeOnlyBackend(_EnclaveConnection, bk.Backend):
   def _whole(self, params, stats, tag: int, train: bool):
     self.client.call(Op.BEGIN, tag=tag, meta={"train": train,
                                               "index": -1 - tag if tag < 0 else 0})
+    self.watchdog.arm()
     try:
       v = self._variables
       scalar = jax.ShapeDtypeStruct((), np.float32)
@@ -367,6 +431,7 @@ class TeeOnlyBackend(_EnclaveConnection, bk.Backend):
                                        ("stats", "public_batch_stats", stats)))
       return out
     finally:
+      self.watchdog.disarm()
       self.client.call(Op.END, tag=tag)
 
   def grads(self, params, stats, batch, step):

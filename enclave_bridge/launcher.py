@@ -55,7 +55,11 @@ import threading
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
+from enclave_bridge import auth
+from enclave_bridge import transport
+
 MODES = ("subprocess", "gramine-direct", "gramine-sgx")
+TRANSPORTS = transport.TRANSPORTS
 
 #: The Gramine tools each mode needs, in the order they run.
 GRAMINE_TOOLS = {
@@ -144,7 +148,10 @@ class EnclaveSpec:
 
   Attributes:
     mode: One of :data:`MODES`.
-    socket_path: Unix socket the server listens on.
+    transport: ``"unix"`` or ``"tcp"`` (127.0.0.1, an ephemeral port the
+      server picks and prints).  ``None`` picks ``"unix"`` for a subprocess
+      and ``"tcp"`` under Gramine, whose Unix sockets the host cannot reach.
+    socket_path: Unix socket the server listens on (``transport="unix"``).
     sealed_path: The sealed (AES-GCM) data set.
     key_path: The key file.  Under Gramine it must be a Gramine encrypted
       (protected) file, e.g. written with ``gramine-sgx-pf-crypt``.
@@ -165,7 +172,8 @@ class EnclaveSpec:
   """
 
   mode: str = "subprocess"
-  socket_path: str
+  transport: str | None = None
+  socket_path: str = ""
   sealed_path: str
   key_path: str
   threads: int = 1
@@ -182,13 +190,15 @@ class EnclaveSpec:
   def __post_init__(self) -> None:
     if self.mode not in MODES:
       raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-    for name in ("socket_path", "sealed_path", "key_path", "workdir", "python"):
+    self._resolve_transport()
+    paths = ("sealed_path", "key_path", "workdir", "python")
+    for name in paths + (("socket_path",) if self.transport == "unix" else ()):
       value = getattr(self, name)
       if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-empty path, got {value!r}")
       if "\0" in value:
         raise ValueError(f"{name} must not contain NUL bytes")
-    if len(os.fsencode(os.path.abspath(self.socket_path))) > _SUN_PATH_MAX:
+    if self.transport == "unix" and len(os.fsencode(os.path.abspath(self.socket_path))) > _SUN_PATH_MAX:
       raise ValueError(f"socket_path is too long for a Unix socket (max {_SUN_PATH_MAX} "
                        f"bytes): {self.socket_path!r}")
     if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not (
@@ -218,6 +228,15 @@ class EnclaveSpec:
     if self.signing_key is not None and not str(self.signing_key).strip():
       raise ValueError("signing_key must be a non-empty path or None")
 
+  def _resolve_transport(self) -> None:
+    transport = self.transport or ("unix" if self.mode == "subprocess" else "tcp")
+    if transport not in TRANSPORTS:
+      raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    if transport == "unix" and self.mode != "subprocess":
+      raise ValueError(f"{self.mode} needs transport='tcp': Gramine emulates Unix sockets "
+                       "inside the enclave, where the host driver cannot reach them")
+    object.__setattr__(self, "transport", transport)
+
 
 # ---------------------------------------------------------------------------
 # The server command and its environment.
@@ -230,12 +249,17 @@ def server_argv(spec: EnclaveSpec) -> list[str]:
     spec: The enclave spec.
 
   Returns:
-    ``[python, "-m", "enclave_bridge.server", "--socket=...", "--sealed=...",
-    "--key=...", "--threads=N"]`` with the paths exactly as given in ``spec``.
+    ``[python, "-m", "enclave_bridge.server", "--socket=..." (or
+    "--transport=tcp"), "--sealed=...", "--key=...", "--threads=N"]`` with the
+    paths exactly as given in ``spec``.
   """
-  return [spec.python, "-m", "enclave_bridge.server", f"--socket={spec.socket_path}",
+  return [spec.python, "-m", "enclave_bridge.server", *_listen_args(spec, spec.socket_path),
           f"--sealed={spec.sealed_path}", f"--key={spec.key_path}",
           f"--threads={spec.threads}"]
+
+
+def _listen_args(spec: EnclaveSpec, socket_path: str) -> list[str]:
+  return ["--transport=tcp"] if spec.transport == "tcp" else [f"--socket={socket_path}"]
 
 
 def _thread_env(spec: EnclaveSpec) -> dict[str, str]:
@@ -426,7 +450,7 @@ def _manifest_values(spec: EnclaveSpec) -> dict[str, str]:
   site_dirs = _dedupe([py["purelib"], py["platlib"]])
   python_lib_dirs = [os.path.dirname(py["libpython"])] if py["libpython"] else []
 
-  argv = [argv0, "-m", "enclave_bridge.server", f"--socket={socket_path}",
+  argv = [argv0, "-m", "enclave_bridge.server", *_listen_args(spec, socket_path),
           f"--sealed={sealed}", f"--key={key}", f"--threads={spec.threads}"]
 
   env = _thread_env(spec)
@@ -439,9 +463,13 @@ def _manifest_values(spec: EnclaveSpec) -> dict[str, str]:
   env.update(spec.extra_env)
   env_lines = "\n".join(f"loader.env.{_toml_key(k)} = {_toml_str(v)}"
                         for k, v in env.items())
+  # The one host value the enclave takes: this launch's secret, checked in HELLO.
+  env_lines += f"\nloader.env.{auth.SECRET_ENV} = {{ passthrough = true }}"
 
   host_dirs = [*arch_libdirs, py["base_prefix"], py["prefix"],
-               os.path.dirname(entrypoint), *packages, socket_dir, sealed]
+               os.path.dirname(entrypoint), *packages, sealed]
+  if spec.transport == "unix":
+    host_dirs.append(socket_dir)
   mounts = [_inline_table([("path", "/lib"), ("uri", "file:{{ gramine.runtimedir() }}")])]
   mounts += _identity_mounts(host_dirs)
   mounts += [
@@ -465,11 +493,10 @@ def _manifest_values(spec: EnclaveSpec) -> dict[str, str]:
   trusted += [f"file:{d.rstrip('/')}/" for d in packages]
   trusted += [f"file:{sealed}"]
 
-  allowed = [
-      f"file:{socket_path}",
-      # The bridge's shared-memory arena (names are chosen per run).
-      "dev:/dev/shm/",
-  ]
+  # The bridge's shared-memory arena (names are chosen per run).
+  allowed = ["dev:/dev/shm/"]
+  if spec.transport == "unix":
+    allowed.insert(0, f"file:{socket_path}")
 
   keys = ""
   if spec.insecure_fs_key_hex is not None:
@@ -686,10 +713,10 @@ class EnclaveProcess:
   so start long-lived enclaves from a thread that outlives them (e.g. the main
   thread).
 
-  Readiness is the server's socket file appearing.  Under Gramine a pathname
-  Unix socket is emulated inside Gramine and never appears on the host, so
-  the Gramine modes need a host-visible transport (e.g. TCP loopback) in the
-  server before :meth:`start` can see them become ready.
+  Readiness is the server's socket file appearing (``transport="unix"``) or,
+  for TCP, its ready line naming the loopback port it bound.  Every start
+  draws a fresh launch secret (:attr:`secret`, ``auth.py``) that the server
+  receives in its environment and HELLO must prove.
 
   Args:
     spec: What to start.
@@ -706,6 +733,8 @@ class EnclaveProcess:
     self._proc: subprocess.Popen | None = None
     self._pgid: int | None = None
     self._lock = threading.RLock()
+    self.secret = ""  # this launch's secret (drawn by start())
+    self.address = ""  # where the server listens: a Unix path or tcp://127.0.0.1:PORT
 
   # -- properties -----------------------------------------------------------
 
@@ -774,7 +803,8 @@ class EnclaveProcess:
         raise LauncherError(f"enclave already running (pid {self.pid})")
       workdir = pathlib.Path(spec.workdir)
       workdir.mkdir(parents=True, exist_ok=True)
-      self._prepare_socket_path()
+      if spec.transport == "unix":
+        self._prepare_socket_path()
       if spec.mode == "subprocess":
         argv = self._argv_override or server_argv(spec)
         env = server_env(spec)
@@ -783,7 +813,8 @@ class EnclaveProcess:
         argv = self._build_gramine(workdir)
         env = dict(os.environ)
         cwd = str(workdir)
-      self._launch(argv, env, cwd)
+      self.secret, self.address = auth.new_secret(), ""
+      self._launch(argv, {**env, auth.SECRET_ENV: self.secret}, cwd)
     try:
       self._wait_ready(timeout)
     except BaseException:  # includes KeyboardInterrupt while waiting
@@ -841,8 +872,21 @@ class EnclaveProcess:
       _LIVE.add(self)
     _install_sigterm_handler()
 
+  def _ready_address(self) -> str:
+    """The server's address once it listens, else ``""``."""
+    if self.spec.transport == "unix":
+      path = os.path.abspath(self.spec.socket_path)
+      return path if _is_socket(path) else ""
+    for line in _tail(self.log_path, 200).splitlines():
+      if line.startswith(transport.READY_PREFIX):
+        address = line[len(transport.READY_PREFIX):].split(" ", 1)[0]
+        transport.tcp_port(address)  # refuses anything but 127.0.0.1
+        return address
+    return ""
+
   def _wait_ready(self, timeout: float) -> None:
-    path = os.path.abspath(self.spec.socket_path)
+    what = (f"its socket {os.path.abspath(self.spec.socket_path)}"
+            if self.spec.transport == "unix" else "its TCP loopback port")
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:
@@ -850,15 +894,16 @@ class EnclaveProcess:
       if rc is not None:
         self.stop()
         raise LauncherError(
-            f"enclave server exited with code {rc} before creating its socket {path}; "
+            f"enclave server exited with code {rc} before opening {what}; "
             f"last lines of {self.log_path}:\n{self.stderr_tail()}")
-      if _is_socket(path):
+      self.address = self._ready_address()
+      if self.address:
         return
       if time.monotonic() >= deadline:
         tail = self.stderr_tail()
         self.stop()
         raise LauncherError(
-            f"enclave server did not create its socket {path} within {timeout:g} s; "
+            f"enclave server did not open {what} within {timeout:g} s; "
             f"last lines of {self.log_path}:\n{tail}")
       time.sleep(delay)
       delay = min(delay * 2, 0.05)
@@ -876,6 +921,7 @@ class EnclaveProcess:
       if proc is not None:
         if proc.poll() is None:
           self._signal_group(pgid, signal.SIGTERM)
+          self._signal_group(pgid, signal.SIGCONT)  # a stopped enclave must see it
           try:
             proc.wait(timeout=timeout)
           except subprocess.TimeoutExpired:
@@ -887,7 +933,7 @@ class EnclaveProcess:
         last = not _LIVE
       if last:
         _restore_sigterm_handler()
-      path = os.path.abspath(self.spec.socket_path)
+      path = os.path.abspath(self.spec.socket_path or ".")
       if proc is not None and _is_socket(path) and not _socket_listening(
           path, self.spec.socket_path):
         try:
@@ -930,7 +976,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="print the manifest (Gramine modes) and commands; start nothing")
   p.add_argument("--sealed", default="runs/demo/mnist5k.sealed")
   p.add_argument("--key", default="runs/demo/key.bin")
-  p.add_argument("--socket", default="/tmp/asymml.sock")
+  p.add_argument("--transport", choices=TRANSPORTS, default=None,
+                 help="unix (subprocess default) or tcp (127.0.0.1; the Gramine default)")
+  p.add_argument("--socket", default="/tmp/asymml.sock", help="the Unix socket's path")
   p.add_argument("--threads", type=int, default=1)
   p.add_argument("--enclave_size", default="8G")
   p.add_argument("--max_threads", type=int, default=64)
@@ -950,7 +998,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``python -m enclave_bridge.launcher``."""
   args = _parse_args(argv)
   try:
-    spec = EnclaveSpec(mode=args.mode, socket_path=args.socket, sealed_path=args.sealed,
+    spec = EnclaveSpec(mode=args.mode, transport=args.transport, socket_path=args.socket,
+                       sealed_path=args.sealed,
                        key_path=args.key, threads=args.threads,
                        enclave_size=args.enclave_size, max_threads=args.max_threads,
                        workdir=args.workdir, python=args.python,
@@ -962,7 +1011,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     proc = EnclaveProcess(spec)
     with proc.start(timeout=args.timeout):
       print(f"enclave: {spec.mode} server pid {proc.pid} listening on "
-            f"{os.path.abspath(spec.socket_path)} (log: {proc.log_path}); Ctrl-C stops it",
+            f"{proc.address} (log: {proc.log_path}); Ctrl-C stops it",
             file=sys.stderr, flush=True)
       rc = proc.wait()
     if rc != 0:
@@ -990,6 +1039,9 @@ def _dry_run(spec: EnclaveSpec) -> int:
             " (in the work directory):\n")
   for cmd in gramine_commands(spec, manifest):
     out.write(f"#   {shlex.join(cmd)}\n")
+  out.write(f"# transport: {spec.transport} (the server binds 127.0.0.1 on an ephemeral port "
+            f"and prints it; HELLO proves the launch secret in {auth.SECRET_ENV})\n"
+            if spec.transport == "tcp" else f"# transport: unix ({spec.socket_path})\n")
   out.write(f"# Gramine built-ins below resolved against {_gramine_pkglibdir()}.\n\n")
   out.write(render_manifest(spec, resolve_gramine=True))
   out.flush()

@@ -138,11 +138,17 @@ class IntegrityViolation(ProtocolError):
   code = "integrity"
 
 
+class AuthenticationFailed(ProtocolError):
+  """A HELLO, or its reply, that does not prove knowledge of the launch secret (``auth.py``)."""
+
+  code = "auth"
+
+
 ERRORS: dict[str, type[ProtocolError]] = {
     c.code: c for c in (ProtocolError, MalformedFrame, UnsupportedVersion, OversizedFrame,
                         OutOfOrder, UnknownOp, UndeclaredTensor, ShapeMismatch,
                         DtypeMismatch, NonFinite, OutOfBounds, StateError, EnclaveFailure,
-                        IntegrityViolation)}
+                        IntegrityViolation, AuthenticationFailed)}
 
 
 class TensorDesc(NamedTuple):

@@ -1,6 +1,7 @@
 """The enclave host process (DESIGN sections 2 and 6).
 
 ``python -m enclave_bridge.server --socket=PATH --sealed=DATA --key=KEYFILE``
+(or ``--transport=tcp``: 127.0.0.1 on an ephemeral port, printed when ready)
 
 It alone holds private data: it decrypts the sealed data set with the key
 file, samples every batch itself (the untrusted side only names a step), runs
@@ -23,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import socket
 import sys
 import time
 from typing import Any
@@ -31,8 +31,10 @@ from typing import Any
 import numpy as np
 
 from enclave_bridge import allocator
+from enclave_bridge import auth
 from enclave_bridge import ledger as lg
 from enclave_bridge import protocol as pr
+from enclave_bridge import transport
 from enclave_bridge.transport import Arena, Channel, ChannelClosed, receive, send_parts
 
 Op = pr.Op
@@ -50,9 +52,11 @@ def trusted_seed(seal_key: bytes, run_seed: int) -> int:
 class EnclaveServer:
   """Request handler of the enclave; :meth:`handle` maps a frame to a reply frame."""
 
-  def __init__(self, dataset, seal_key: bytes):
+  def __init__(self, dataset, seal_key: bytes, secret: str | None = None):
     self.ds = dataset
     self._seal_key = seal_key
+    self._secret = secret  # the launch secret HELLO must prove (auth.py), if any
+    self.drop_peer = False  # set when the connected peer failed to authenticate
     self.next_seq = 0
     self.arena: Arena | None = None
     self.cfg: dict[str, Any] | None = None
@@ -80,6 +84,8 @@ class EnclaveServer:
       self.next_seq += 1
       if self.cfg is None and msg.op not in (Op.HELLO, Op.SHUTDOWN):
         raise pr.StateError("HELLO must come first")
+      if self.cfg is None and msg.op == Op.SHUTDOWN and self._secret is not None:
+        raise pr.AuthenticationFailed("SHUTDOWN before an authenticated HELLO")
       t0 = time.perf_counter()
       meta, tensors = getattr(self, f"_on_{msg.op.name.lower()}")(msg)
       self.calls += 1
@@ -98,6 +104,9 @@ class EnclaveServer:
           e = pr.IntegrityViolation(str(e))
       except ImportError:  # pragma: no cover
         pass
+      # Before an authenticated HELLO a refused frame ends the connection, so a
+      # stray peer cannot hold the enclave's one driver slot.
+      self.drop_peer = self.cfg is None and self._secret is not None
       return pr.encode(pr.error_message(seq, tag, stage, e))
 
   # ----------------------------------------------------------------- overlap
@@ -166,6 +175,7 @@ class EnclaveServer:
     if self.cfg is not None:
       raise pr.StateError("HELLO was already received")
     c = msg.meta
+    proof = auth.check_hello(self._secret, c)
     try:
       backend = str(c["backend"])
       if backend not in ("enclave", "tee_only"):
@@ -231,7 +241,7 @@ class EnclaveServer:
     return ({"num_train": int(len(self.ds.train_labels)),
              "num_test": int(len(self.ds.test_labels)),
              "image_shape": list(self.ds.image_shape), "num_classes": self.ds.num_classes,
-             "modes": modes, "pid": os.getpid()}, ())
+             "modes": modes, "pid": os.getpid(), **({"auth": proof} if proof else {})}, ())
 
   def _batch(self, tag: int, train: bool, index: int) -> dict:
     from asymml_jax import data
@@ -385,13 +395,38 @@ def serve(server: EnclaveServer, channel: Channel) -> None:
       channel.send(pr.encode(pr.error_message(0, 0, 0, e)))
       return
     channel.send(server.handle(body))
+    if server.drop_peer:
+      return
     server.after_reply()
+
+
+_MAX_PEERS = 64  # connections that may fail to authenticate before the enclave gives up
+
+
+def serve_listener(server: EnclaveServer, listener) -> bool:
+  """Serves the first peer that authenticates; returns whether one did.
+
+  A peer that fails HELLO's proof is dropped and the next connection is
+  accepted, so a stray local process can neither drive nor block the enclave.
+  """
+  for _ in range(_MAX_PEERS):
+    conn, _ = listener.accept()
+    server.next_seq, server.drop_peer = 0, False
+    channel = Channel(conn)
+    try:
+      serve(server, channel)
+    finally:
+      channel.close()
+    if not server.drop_peer:
+      return True
+  return False
 
 
 def main(argv: list[str] | None = None) -> int:
   import argparse
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--socket", required=True)
+  p.add_argument("--transport", choices=transport.TRANSPORTS, default="unix")
+  p.add_argument("--socket", default="", help="the Unix socket's path (transport=unix)")
   p.add_argument("--sealed", required=True)
   p.add_argument("--key", required=True)
   p.add_argument("--threads", type=int, default=1)
@@ -405,22 +440,26 @@ def main(argv: list[str] | None = None) -> int:
   except (seal.SealError, FileNotFoundError) as e:
     print(f"enclave: cannot open the sealed data set: {e}", file=sys.stderr, flush=True)
     return 2
-  server = EnclaveServer(ds, key)
-  if os.path.exists(args.socket):
-    os.unlink(args.socket)
-  listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-  listener.bind(args.socket)
-  os.chmod(args.socket, 0o600)
-  listener.listen(1)
-  print(f"enclave: ready on {args.socket} (pid {os.getpid()}, {len(ds.train_labels)} "
+  try:
+    secret = auth.take_secret()
+    if secret is None and args.transport == "tcp":
+      raise ValueError(f"the tcp transport needs the launch secret in {auth.SECRET_ENV}")
+    listener, address = transport.listen(args.transport, args.socket)
+  except (ValueError, OSError) as e:
+    print(f"enclave: cannot listen: {e}", file=sys.stderr, flush=True)
+    return 2
+  server = EnclaveServer(ds, key, secret)
+  print(f"{transport.READY_PREFIX}{address} (pid {os.getpid()}, {len(ds.train_labels)} "
         f"train / {len(ds.test_labels)} test samples)", file=sys.stderr, flush=True)
   try:
-    conn, _ = listener.accept()
-    serve(server, Channel(conn))
+    if not serve_listener(server, listener):
+      print(f"enclave: {_MAX_PEERS} connections failed to authenticate; exiting",
+            file=sys.stderr, flush=True)
+      return 3
   finally:
     server.close()
     listener.close()
-    if os.path.exists(args.socket):
+    if args.transport == "unix" and os.path.exists(args.socket):
       os.unlink(args.socket)
   return 0
 

@@ -1,7 +1,11 @@
 """Control socket and shared-memory arena of the enclave bridge (DESIGN section 6).
 
-* :class:`Channel`: a Unix-domain stream socket carrying length-prefixed
-  frames (``protocol.py``), with a bounded frame size and timeouts.
+* :class:`Channel`: a stream socket carrying length-prefixed frames
+  (``protocol.py``), with a bounded frame size and timeouts.  The socket is a
+  Unix-domain one (``transport="unix"``, a path in a private folder) or TCP
+  on the loopback interface only (``transport="tcp"``, an ephemeral port;
+  what Gramine needs, since its Unix sockets are invisible to the host).
+  Either way HELLO proves the per-launch secret (``auth.py``).
 * :class:`Arena`: one POSIX shared-memory block created by the untrusted side
   (it is untrusted memory) and split in two regions: requests (untrusted ->
   enclave) and replies (enclave -> untrusted).  Tensors are written at 64-byte
@@ -13,6 +17,7 @@
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 from multiprocessing import resource_tracker, shared_memory
@@ -23,6 +28,11 @@ import numpy as np
 from enclave_bridge import protocol as pr
 
 ALIGN = 64
+TRANSPORTS = ("unix", "tcp")
+LOOPBACK = "127.0.0.1"
+_TCP = "tcp://"
+#: The line the server prints once it listens; the launcher reads the address from it.
+READY_PREFIX = "enclave: ready on "
 _CREATED: set[str] = set()  # arenas this process created (and must unlink itself)
 
 
@@ -30,21 +40,72 @@ class ChannelClosed(ConnectionError):
   """The peer closed the socket (for the untrusted side: the enclave is gone)."""
 
 
+def tcp_port(address: str) -> int | None:
+  """The port of a ``tcp://127.0.0.1:PORT`` address; ``None`` for a Unix path.
+
+  Raises:
+    ValueError: a TCP address that is not on the loopback interface.
+  """
+  if not address.startswith(_TCP):
+    return None
+  host, _, port = address[len(_TCP):].rpartition(":")
+  if host != LOOPBACK or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"the bridge only speaks TCP on {LOOPBACK}: got {address!r}")
+  return int(port)
+
+
+def listen(transport: str, path: str = "") -> tuple[socket.socket, str]:
+  """A listening socket for one driver, and the address the driver connects to.
+
+  Args:
+    transport: ``"unix"`` (bound to ``path``, mode 0600) or ``"tcp"`` (bound
+      to 127.0.0.1 on an ephemeral port; never another interface).
+    path: the Unix socket's path.
+
+  Returns:
+    ``(listener, address)``: ``path`` or ``"tcp://127.0.0.1:PORT"``.
+  """
+  if transport == "tcp":
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((LOOPBACK, 0))
+    s.listen(1)
+    return s, f"{_TCP}{LOOPBACK}:{s.getsockname()[1]}"
+  if transport != "unix":
+    raise ValueError(f"bridge.transport must be one of {TRANSPORTS}, got {transport!r}")
+  if not path:
+    raise ValueError("the unix transport needs a socket path")
+  if os.path.lexists(path):
+    os.unlink(path)
+  s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+  s.bind(path)
+  os.chmod(path, 0o600)
+  s.listen(1)
+  return s, path
+
+
 class Channel:
-  """Length-prefixed frames over a connected Unix stream socket."""
+  """Length-prefixed frames over a connected stream socket (Unix or loopback TCP)."""
 
   def __init__(self, sock: socket.socket):
     self.sock = sock
+    if sock.family == socket.AF_INET:  # small frames go out at once
+      sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     self.bytes_sent = 0
     self.bytes_received = 0
 
   @classmethod
-  def connect(cls, path: str, timeout: float = 30.0) -> "Channel":
+  def connect(cls, address: str, timeout: float = 30.0) -> "Channel":
+    """Connects to a Unix socket path or a ``tcp://127.0.0.1:PORT`` address."""
+    port = tcp_port(address)
     deadline = time.monotonic() + timeout
     while True:
-      s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+      if port is None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: Any = address
+      else:
+        s, target = socket.socket(socket.AF_INET, socket.SOCK_STREAM), (LOOPBACK, port)
       try:
-        s.connect(path)
+        s.connect(target)
         return cls(s)
       except (FileNotFoundError, ConnectionRefusedError):
         s.close()

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import enclave_bridge  # noqa: F401 - registers the enclave and tee_only backends
-from asymml_jax import distributed, parallel, train
+from asymml_jax import distributed, faults, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -70,8 +70,13 @@ def main(argv):
   if settings is None:
     try:
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - a fault's first line says what to do
+      line = faults.first_line(e)
+      if line is None and isinstance(e, (ValueError, FileNotFoundError)):
+        raise app.UsageError(str(e)) from None  # a settings error
+      print(f"error: {line or e}", file=sys.stderr, flush=True)
+      traceback.print_exc()
+      sys.exit(1)
     return
   group = distributed.initialize(settings)
   me = f"process {settings.process_id} of {settings.num_processes}"

@@ -44,8 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
       scope="per_sample", verify_untrusted=False))
   # Process backends (enclave, tee_only): the sealed data set and its key file
   # (`make demo` creates both), how to start the enclave, its CPU threads and
-  # the size of each shared-memory region.
+  # the size of each shared-memory region.  transport: "unix" (a private
+  # socket file) or "tcp" (127.0.0.1 on an ephemeral port; what Gramine
+  # needs); "" picks unix for a subprocess and tcp under Gramine.
   c.bridge = ml_collections.ConfigDict(dict(
       sealed_path="runs/demo/mnist5k.sealed", key_path="runs/demo/key.bin",
-      mode="subprocess", threads=1, arena_mb=64, call_timeout=600.0, workdir=""))
+      mode="subprocess", transport="", threads=1, arena_mb=64, call_timeout=600.0,
+      workdir=""))
   return c

@@ -42,6 +42,7 @@ def test_bad_config_writes_nothing(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow  # ~55 s; test_integration's crash-then-resume covers it in the default run
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
   lines_a: list[str] = []
   a = train.train_and_evaluate(train.TrainConfig(**BASE), str(tmp_path / "a"),

@@ -40,7 +40,7 @@ from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.models import get_model
 from enclave_bridge import ledger as lg
 from enclave_bridge import protocol as pr
-from enclave_bridge.client import BridgeClient, EnclaveDied, EnclaveTimeout
+from enclave_bridge.client import BridgeClient, EnclaveDied, EnclaveHung, EnclaveTimeout
 from enclave_bridge.transport import Channel
 from tests.helpers import enclave as he
 
@@ -323,10 +323,11 @@ def test_central_invariant_vgg11_across_the_process_boundary(tmp_path, track_bac
 def test_central_invariant_with_calibrated_ranks(tmp_path, track_backends):
   """rank_plan='calibrate': the enclave picks each site's rank from the batch it holds
   (white noise here: high ranks); any rank keeps the split exact."""
+  options = enclave_bridge.verification_options(str(tmp_path), 10)
+  prepare = lambda *a, **k: {**options(*a, **k), "transport": "tcp"}  # the other transport
   result = verify.compare(get_model("vgg11", width=0.125), ["enclave"], batch_size=BATCH,
                           decomposition=DecompositionConfig(rank_plan="calibrate"),
-                          prepare=enclave_bridge.verification_options(str(tmp_path), 10),
-                          floor=False)
+                          prepare=prepare, floor=False)
   _assert_invariant(result, ["enclave"])
   _assert_no_orphans(track_backends, ["enclave"])
 
@@ -368,10 +369,12 @@ def _open(model, sealed, workdir, **options) -> bk.Backend:
 
 @pytest.fixture(scope="module")
 def shared(model, sealed, tmp_path_factory):
-  """One enclave backend for the tests that leave it usable."""
+  """One enclave backend for the tests that leave it usable (over TCP loopback: the
+  refusal tests below then run over the transport Gramine uses)."""
   frames = []
-  backend = _open(model, sealed, tmp_path_factory.mktemp("enclave"),
+  backend = _open(model, sealed, tmp_path_factory.mktemp("enclave"), transport="tcp",
                   recorder=lambda kind, payload: frames.append(kind))
+  assert backend.process.address.startswith("tcp://127.0.0.1:")
   pid = backend.process.pid
   yield backend, frames
   backend.close()
@@ -537,8 +540,10 @@ def test_enclave_still_trains_after_refusals(shared, variables):
 
 
 # ----------------------------------------------------------------- kill -9
-@pytest.mark.parametrize("when", ["during_call", "between_calls"])
-def test_kill_9_mid_step_is_enclave_died_fast(model, sealed, variables, tmp_path, when):
+@pytest.mark.parametrize("when,transport", [("during_call", "unix"),
+                                            ("between_calls", "tcp")])
+def test_kill_9_mid_step_is_enclave_died_fast(model, sealed, variables, tmp_path, when,
+                                              transport):
   """SIGKILL of the enclave while a step runs: a typed error within 10 s, no hang.
 
   ``during_call``: a background thread kills the enclave as soon as the
@@ -547,7 +552,7 @@ def test_kill_9_mid_step_is_enclave_died_fast(model, sealed, variables, tmp_path
   kernel) right after stage 2's reply, so the next request meets a dead socket.
   """
   params, stats = variables["params"], variables["batch_stats"]
-  backend = _open(model, sealed, tmp_path / "w")
+  backend = _open(model, sealed, tmp_path / "w", transport=transport)
   pid = backend.process.pid
   client = backend.client
   killed_at: list[float] = []
@@ -592,6 +597,8 @@ def test_kill_9_mid_step_is_enclave_died_fast(model, sealed, variables, tmp_path
           f"{info.value}")
     assert latency < 10.0
     assert "enclave" in str(info.value)
+    if when == "during_call":  # the driver saw the process go, and says how
+      assert "died (SIGKILL)" in str(info.value)
     # A SIGKILLed multi-threaded process is a zombie (pid_gone) before waitpid can
     # reap it: its other threads may still be exiting (an XLA computation, e.g. the
     # prefetch of the overlap, was running).  Allow that moment.
@@ -614,6 +621,29 @@ def test_kill_9_mid_step_is_enclave_died_fast(model, sealed, variables, tmp_path
       killer.join(5)
     backend.close()
   assert he.pid_gone(pid)
+
+
+def test_stopped_enclave_is_enclave_hung_within_the_watchdog_time(model, sealed, variables,
+                                                                   tmp_path):
+  """SIGSTOP of the enclave (a hang): ``EnclaveHung`` naming its state, after
+  ``bridge.watchdog_s`` without progress, instead of a silent wait."""
+  params, stats = variables["params"], variables["batch_stats"]
+  backend = _open(model, sealed, tmp_path / "w", watchdog_s=2.0)
+  pid = backend.process.pid
+  try:
+    backend.grads(params, stats, None, 0)  # compiled and serving
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(EnclaveHung) as info:
+      backend.grads(params, stats, None, 1)
+    took = time.monotonic() - t0
+    print(f"\nSIGSTOP -> EnclaveHung after {took:.2f} s: {info.value}")
+    assert 2.0 <= took < 5.0
+    assert "state T (stopped)" in str(info.value) and "BEGIN of step 1" in str(info.value)
+    assert isinstance(info.value, EnclaveTimeout)
+  finally:
+    backend.close()
+  assert he.pid_gone(pid, within=5.0)
 
 
 def test_closed_backend_leaves_no_process_or_socket(model, sealed, variables, tmp_path):

@@ -18,7 +18,9 @@ import tomllib
 
 import pytest
 
+from enclave_bridge import auth
 from enclave_bridge import launcher
+from enclave_bridge import transport
 from enclave_bridge.launcher import (EnclaveProcess, EnclaveSpec, GramineToolMissing,
                                      LauncherError)
 
@@ -180,9 +182,12 @@ def test_render_manifest_is_toml_with_everything_pinned(tmp_path, sock_dir):
   assert m["loader"]["entrypoint"]["uri"] == f"file:{libdir}/libsysdb.so"
   assert m["loader"]["argv"] == [
       os.path.abspath(sys.executable), "-m", "enclave_bridge.server",
-      f"--socket={sock_dir}/e.sock", f"--sealed={tmp_path}/d.sealed",
-      f"--key={tmp_path}/key.bin", "--threads=2"]
+      "--transport=tcp", f"--sealed={tmp_path}/d.sealed",
+      f"--key={tmp_path}/key.bin", "--threads=2"]  # Gramine's default: TCP loopback
   env = m["loader"]["env"]
+  # The one host value: this launch's secret (nothing else passes through).
+  assert env[auth.SECRET_ENV] == {"passthrough": True}
+  assert [k for k, v in env.items() if isinstance(v, dict)] == [auth.SECRET_ENV]
   assert env["JAX_PLATFORMS"] == "cpu" and env["OMP_NUM_THREADS"] == "2"
   assert env["PYTHONUNBUFFERED"] == "1" and env["ASYMML_X"] == "1"
   assert str(ROOT) in env["PYTHONPATH"].split(":")
@@ -211,14 +216,26 @@ def test_render_manifest_is_toml_with_everything_pinned(tmp_path, sock_dir):
   assert key["key_name"] == "asymml_key"
   assert by_path["/dev/shm"] == {"type": "untrusted_shm", "path": "/dev/shm",
                                  "uri": "dev:/dev/shm"}
-  assert str(sock_dir) in by_path
+  assert str(sock_dir) not in by_path  # no Unix socket under TCP
   assert by_path[launcher.ENCLAVE_TMPDIR]["type"] == "tmpfs"
   for mt in mounts:
     assert mt["path"].startswith("/")
     assert set(mt) <= {"type", "path", "uri", "key_name"}
-  assert f"file:{sock_dir}/e.sock" in m["sgx"]["allowed_files"]
-  assert "dev:/dev/shm/" in m["sgx"]["allowed_files"]
+  assert m["sgx"]["allowed_files"] == ["dev:/dev/shm/"]
   assert "insecure__keys" not in m["fs"]
+
+
+def test_spec_transport_defaults_and_refusals(tmp_path, sock_dir):
+  assert _spec(tmp_path, sock_dir).transport == "unix"
+  assert _spec(tmp_path, sock_dir, mode="gramine-direct").transport == "tcp"
+  tcp = _spec(tmp_path, sock_dir, transport="tcp", socket_path="")
+  assert tcp.transport == "tcp" and "--transport=tcp" in launcher.server_argv(tcp)
+  with pytest.raises(ValueError, match="needs transport='tcp'"):
+    _spec(tmp_path, sock_dir, mode="gramine-sgx", transport="unix")
+  with pytest.raises(ValueError, match="transport must be one of"):
+    _spec(tmp_path, sock_dir, transport="udp")
+  with pytest.raises(ValueError, match="socket_path"):
+    _spec(tmp_path, sock_dir, transport="unix", socket_path="")
 
 
 def test_render_manifest_keys_are_in_gramines_schema(tmp_path, sock_dir):
@@ -342,11 +359,13 @@ else:  # gramine-direct / gramine-sgx: load the manifest, act as the server
   suffix = ".manifest.sgx" if name == "gramine-sgx" else ".manifest"
   import tomllib
   manifest = tomllib.loads(pathlib.Path(sys.argv[1] + suffix).read_text())
-  sock = [a for a in manifest["loader"]["argv"] if a.startswith("--socket=")][0][9:]
-  s = socket.socket(socket.AF_UNIX)
-  s.bind(sock)
+  assert "--transport=tcp" in manifest["loader"]["argv"]
+  assert len(os.environ["ASYMML_BRIDGE_SECRET"]) == 64  # the passthrough variable
+  s = socket.socket(socket.AF_INET)
+  s.bind(("127.0.0.1", 0))
   s.listen()
   print("fake enclave up", flush=True)
+  print(f"enclave: ready on tcp://127.0.0.1:{{s.getsockname()[1]}} (fake)", flush=True)
   time.sleep(600)
 """
 
@@ -379,6 +398,8 @@ def test_gramine_modes_run_exactly_the_gramine_commands(tmp_path, sock_dir, monk
     template = tomllib.loads((workdir / "asymml_enclave.manifest.template").read_text())
     assert template["loader"]["entrypoint"]["uri"] == "file:{{ gramine.libos }}"
     assert "fake enclave up" in enclave.stderr_tail()
+    port = transport.tcp_port(enclave.address)  # found from the ready line
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
     pid = enclave.pid
   assert not enclave.alive() and _gone(pid)
   assert not os.path.exists(spec.socket_path)
@@ -443,7 +464,7 @@ def test_child_that_never_binds_times_out_and_is_killed(tmp_path, sock_dir):
   spec = _spec(tmp_path, sock_dir)
   enclave = EnclaveProcess(spec, _argv_override=[
       sys.executable, "-c", "import time; print('warming up', flush=True); time.sleep(600)"])
-  with pytest.raises(LauncherError, match=r"did not create its socket .* within 1 s") as e:
+  with pytest.raises(LauncherError, match=r"did not open its socket .* within 1 s") as e:
     enclave.start(timeout=1.0)
   assert "warming up" in str(e.value)
   assert not enclave.alive() and enclave.returncode is not None
@@ -602,7 +623,9 @@ def test_cli_dry_run_prints_toml_manifest_and_commands():
   m = tomllib.loads(p.stdout)
   assert m["sgx"]["enclave_size"] == "8G"
   assert f"--sealed={ROOT}/runs/demo/mnist5k.sealed" in m["loader"]["argv"]
-  assert "--socket=/tmp/asymml.sock" in m["loader"]["argv"]
+  assert "--transport=tcp" in m["loader"]["argv"]  # Gramine's default
+  assert not any(a.startswith("--socket") for a in m["loader"]["argv"])
+  assert "# transport: tcp (the server binds 127.0.0.1" in p.stdout
   comments = [l for l in p.stdout.splitlines() if l.startswith("#   gramine")]
   assert [c.split()[1] for c in comments] == [
       "gramine-manifest", "gramine-sgx-sign", "gramine-sgx"]
@@ -615,7 +638,7 @@ def test_cli_dry_run_flags(tmp_path):
   assert p.returncode == 0, p.stderr
   m = tomllib.loads(p.stdout)
   assert m["sgx"]["enclave_size"] == "16G"
-  assert m["loader"]["argv"][-4:] == ["--socket=/tmp/other.sock", "--sealed=/d/x.sealed",
+  assert m["loader"]["argv"][-4:] == ["--transport=tcp", "--sealed=/d/x.sealed",
                                       "--key=/d/k.bin", "--threads=4"]
   assert f"{tmp_path}/asymml_enclave.manifest" in p.stdout
   assert not any(tmp_path.iterdir())  # dry run writes nothing

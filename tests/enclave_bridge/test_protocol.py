@@ -309,7 +309,7 @@ def test_decode_of_bit_flipped_frames_raises_only_protocol_errors(msg, data):
 # ------------------------------------------------------------------ errors
 def test_errors_registry():
   assert set(pr.ERRORS) == {c.code for c in pr.ERRORS.values()}
-  assert len(pr.ERRORS) == 14
+  assert len(pr.ERRORS) == 15  # ... AuthenticationFailed ("auth")
   for code, cls in pr.ERRORS.items():
     assert issubclass(cls, pr.ProtocolError) and cls.code == code
 

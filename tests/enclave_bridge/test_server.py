@@ -813,3 +813,70 @@ def test_deferred_work_is_split_into_overlapped_and_waited_for(server):
   assert server._deferred_share(9.0)["deferred_exposed_s"] == pytest.approx(0.5)
   server._deferred = (10.0, 0.5)
   assert server._deferred_share("x")["overlap_s"] == 0.0  # no usable clock: none hidden
+
+
+# ------------------------------------------- the listener: transports and the secret
+def _serve_in_thread(server, transport_name, tmp_path):
+  import threading
+  from enclave_bridge import server as srv
+  from enclave_bridge import transport
+  path = str(tmp_path / "s.sock") if len(str(tmp_path)) < 90 else ""
+  listener, address = transport.listen(transport_name, path or "/tmp/asymml-test-s.sock")
+  result = {}
+  t = threading.Thread(target=lambda: result.setdefault("ok", srv.serve_listener(server,
+                                                                                 listener)),
+                       daemon=True)
+  t.start()
+  return address, listener, t, result
+
+
+def _exchange(channel, op, seq, meta=None, tensors=()):
+  channel.send(pr.encode(pr.Message(op, seq, 0, 0, dict(meta or {}), tuple(tensors))))
+  return pr.decode(channel.recv(timeout=CASE_SECONDS))
+
+
+@pytest.mark.parametrize("transport_name", ["unix", "tcp"])
+def test_only_the_driver_with_the_launch_secret_gets_in(arena, tmp_path, transport_name):
+  from enclave_bridge import auth
+  from enclave_bridge.transport import Channel, ChannelClosed
+  secret = auth.new_secret()
+  server = EnclaveServer(_dataset(), KEY, secret)
+  address, listener, thread, result = _serve_in_thread(server, transport_name, tmp_path)
+  try:
+    rng = np.random.default_rng(0)
+    intruders = [
+        (Op.HELLO, _hello_meta(arena)),                                   # no proof
+        (Op.HELLO, {**_hello_meta(arena), **auth.hello_fields(auth.new_secret())}),
+        (Op.SHUTDOWN, {}),                                                # stop it
+        (Op.STATS, {}),
+    ]
+    for op, meta in intruders:
+      c = Channel.connect(address, timeout=5)
+      reply = _exchange(c, op, 0, meta)
+      assert reply.op == Op.ERROR and reply.meta["code"] in ("auth", "state"), reply.meta
+      with pytest.raises((ChannelClosed, ConnectionError)):  # and it was dropped
+        c.recv(timeout=CASE_SECONDS)
+      c.close()
+    # Garbage on the wire before HELLO: an error reply or a drop, never a hang.
+    for _ in range(8):
+      c = Channel.connect(address, timeout=5)
+      c.send(bytes(rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8)))
+      try:
+        assert pr.decode(c.recv(timeout=CASE_SECONDS)).op == Op.ERROR
+      except (ChannelClosed, ConnectionError):
+        pass
+      c.close()
+    assert server.cfg is None and thread.is_alive()
+    # The real driver: proves the secret, and the reply proves it back.
+    c = Channel.connect(address, timeout=5)
+    hello = {**_hello_meta(arena), **auth.hello_fields(secret)}
+    reply = _exchange(c, Op.HELLO, 0, hello)
+    assert reply.op == Op.REPLY, reply.meta
+    auth.check_reply(secret, hello, reply.meta)
+    assert _exchange(c, Op.SHUTDOWN, 1).op == Op.REPLY
+    thread.join(CASE_SECONDS)
+    assert result == {"ok": True}
+    c.close()
+  finally:
+    listener.close()
+    server.close()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from multiprocessing import shared_memory
 
@@ -17,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from enclave_bridge import protocol as pr
-from enclave_bridge.transport import ALIGN, Arena, Channel, ChannelClosed
+from enclave_bridge.transport import (ALIGN, LOOPBACK, TRANSPORTS, Arena, Channel,
+                                      ChannelClosed, listen, tcp_port)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -228,13 +231,52 @@ def test_attach_from_another_process(arena):
 
 
 # ----------------------------------------------------------------- channel
-@pytest.fixture
-def pair():
-  a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-  ca, cb = Channel(a), Channel(b)
+@pytest.fixture(params=TRANSPORTS)
+def pair(request, tmp_path_factory):
+  """Two connected channels, through :func:`listen` and :meth:`Channel.connect`."""
+  path = str(tmp_path_factory.mktemp("s", numbered=True) / "c.sock")
+  if len(path) > 100:  # sun_path limit
+    path = os.path.join(tempfile.mkdtemp(prefix="ast", dir="/tmp"), "c.sock")
+  listener, address = listen(request.param, path)
+  ca = Channel.connect(address, timeout=5)
+  conn, _ = listener.accept()
+  listener.close()
+  cb = Channel(conn)
   yield ca, cb
   ca.close()
   cb.close()
+
+
+def test_tcp_listens_on_the_loopback_interface_only():
+  listener, address = listen("tcp")
+  try:
+    host, port = listener.getsockname()
+    assert host == LOOPBACK and address == f"tcp://127.0.0.1:{port}"
+    assert tcp_port(address) == port
+  finally:
+    listener.close()
+  for bad in ("tcp://0.0.0.0:5000", "tcp://10.0.0.1:5000", "tcp://127.0.0.1:x",
+              "tcp://127.0.0.1:0", "tcp://localhost:5000"):
+    with pytest.raises(ValueError, match="only speaks TCP on 127.0.0.1"):
+      tcp_port(bad)
+  assert tcp_port("/tmp/a.sock") is None
+  with pytest.raises(ValueError, match="bridge.transport"):
+    listen("udp")
+
+
+def test_the_unix_socket_is_private_to_its_user(tmp_path):
+  path = str(tmp_path / "p.sock")
+  listener, address = listen("unix", path)
+  try:
+    assert address == path and (os.stat(path).st_mode & 0o777) == 0o600
+  finally:
+    listener.close()
+
+
+def test_tcp_channels_send_small_frames_at_once(pair):
+  a, _ = pair
+  if a.sock.family == socket.AF_INET:
+    assert a.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 @settings(max_examples=100, deadline=None, database=None,
