@@ -81,6 +81,7 @@ class ProgressWatchdog:
     self._lock = threading.Lock()
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
+    self._beaten = False
     self._reset()
 
   @property
@@ -98,17 +99,16 @@ class ProgressWatchdog:
     self._ref_t, self._ref_cpu, self._last_tick = now, self._cpu(), now
 
   def beat(self) -> None:
-    """A bridge call completed."""
-    with self._lock:
-      self._reset()
+    """A bridge call completed (cheap: on every call's path; read at the next sample)."""
+    self._beaten = True
 
   def idle_seconds(self) -> float:
     """Seconds since the last sign of progress (sampling as it goes)."""
     with self._lock:
       now, cpu = time.monotonic(), self._cpu()
       suspended = now - self._last_tick > 8 * _TICK_S  # this process itself was stopped
-      self._last_tick = now
-      if (suspended or cpu is None or self._ref_cpu is None
+      self._last_tick, beaten, self._beaten = now, self._beaten, False
+      if (beaten or suspended or cpu is None or self._ref_cpu is None
           or cpu - self._ref_cpu > max(0.02, _IDLE_SHARE * (now - self._ref_t))):
         self._ref_t, self._ref_cpu = now, cpu
       return now - self._ref_t
