@@ -15,6 +15,13 @@ class TrustedSideFault(RuntimeError):
   """
 
 
+class CheckpointWriteFailed(RuntimeError):
+  """A checkpoint could not be written (a full disk, a quota); the earlier ones are intact.
+
+  Raised by ``asymml_jax.checkpoints.Checkpoints``.
+  """
+
+
 def headline(error: BaseException, step: int | None, resume_step: int | None) -> str:
   """The first line for ``error`` raised at ``step`` (``None``: after the last step).
 
@@ -33,6 +40,10 @@ def headline(error: BaseException, step: int | None, resume_step: int | None) ->
   origin = "step 0" if not resume_step else f"step {resume_step}"
   if isinstance(error, TrustedSideFault):
     todo = f"rerun the same command to resume from {origin}"
+  elif isinstance(error, CheckpointWriteFailed):
+    intact = f"the checkpoint at step {resume_step} is intact" if resume_step else (
+        "no checkpoint was written before")
+    todo = f"{intact}: free disk space, then rerun the same command to resume from {origin}"
   else:
     todo = (f"the last checkpoint is at step {resume_step}" if resume_step
             else "no checkpoint was written yet")

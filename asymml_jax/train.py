@@ -42,6 +42,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from asymml_jax import backends as bk
+from asymml_jax import checkpoints
 from asymml_jax import data as data_lib
 from asymml_jax import distributed as dist
 from asymml_jax import faults
@@ -387,59 +388,6 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
-class _Checkpoints:
-  """Orbax checkpoints in ``directory``; with several processes, process 0's alone.
-
-  Process 0 saves host (numpy) copies of the state, identical on every
-  process, and on a restart restores and broadcasts it (DESIGN section 10).
-  """
-
-  def __init__(self, directory: str, group: dist.Group):
-    self.group, self._mngr = group, None
-    if not group.multi:
-      self._mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-          max_to_keep=2, create=True))
-    elif group.is_primary:
-      os.makedirs(directory, exist_ok=True)  # orbax refuses create=True here
-      self._mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-          max_to_keep=2, create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
-              primary_host=group.process_id, active_processes={group.process_id})))
-
-  def latest_step(self) -> int | None:
-    """This process's view (``None`` on the processes that hold no checkpoints)."""
-    return None if self._mngr is None else self._mngr.latest_step()
-
-  def resume_step(self) -> int | None:
-    """Process 0's latest step, on every process."""
-    step = self.latest_step()
-    if self.group.multi:
-      step = int(self.group.broadcast(np.int32(-1 if step is None else step),
-                                      label="resume step"))
-      step = None if step < 0 else step
-    return step
-
-  def restore(self, step: int, state: TrainState) -> TrainState:
-    if not self.group.multi:
-      return self._mngr.restore(step, args=ocp.args.StandardRestore(state))
-    host = jax.device_get(state)
-    if self._mngr is not None:
-      host = self._mngr.restore(step, args=ocp.args.StandardRestore(host))
-    return self.group.broadcast(host, label="restored state")
-
-  def save(self, step: int, state: TrainState) -> None:
-    if self._mngr is not None:
-      state = jax.device_get(state) if self.group.multi else state
-      self._mngr.save(step, args=ocp.args.StandardSave(state), force=True)
-
-  def wait_until_finished(self) -> None:
-    if self._mngr is not None:
-      self._mngr.wait_until_finished()
-
-  def close(self) -> None:
-    if self._mngr is not None:
-      self._mngr.close()
-
-
 def train_and_evaluate(config: Mapping[str, Any] | TrainConfig, workdir: str, *,
                        backend_options: Mapping[str, Any] | None = None,
                        log: Callable[[str], None] = _log,
@@ -518,7 +466,7 @@ def _train_and_evaluate(config, workdir, backend_options, log, group) -> dict[st
 
   os.makedirs(workdir, exist_ok=True)
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  mngr = _Checkpoints(ckpt_dir, group)
+  mngr = checkpoints.Checkpoints(ckpt_dir, group)
   start = mngr.resume_step()
   if start is not None:
     state = mngr.restore(start, state)
@@ -582,6 +530,7 @@ def _train_and_evaluate(config, workdir, backend_options, log, group) -> dict[st
         if done % cfg.checkpoint_every == 0 or done == total_steps:
           mngr.save(done, state)
       train_seconds = time.perf_counter() - t_start
+      mngr.wait_until_finished()  # the last checkpoint is on disk, or this raises
       evaluating = True  # (for a fault's message)
       ev = evaluate(backend, state, None if ds is None else ds.test_images,
                     None if ds is None else ds.test_labels, cfg.eval_batch_size,
@@ -599,11 +548,11 @@ def _train_and_evaluate(config, workdir, backend_options, log, group) -> dict[st
     mngr.wait_until_finished()
     raise
   except Exception as e:  # the first line a user sees says what to do
-    mngr.wait_until_finished()
+    mngr.wait_until_finished(quiet=True)
     faults.annotate(e, None if evaluating else completed, mngr.latest_step())
     raise
   finally:
-    mngr.wait_until_finished()
+    mngr.wait_until_finished(quiet=True)
     mngr.close()
 
   summary = {
