@@ -188,9 +188,20 @@ class Arena:
       return self.region
     raise ValueError(side)
 
+  def check_size(self) -> None:
+    """Refuses an arena that another process truncated (touching it would be a SIGBUS)."""
+    size = os.fstat(self.shm._fd).st_size  # noqa: SLF001 - the segment's own descriptor
+    if size < 2 * self.region:
+      raise pr.OutOfBounds(
+          f"the shared-memory arena {self.name} is {size} bytes, smaller than its "
+          f"2 x {self.region}-byte regions (truncated by another process)")
+
   def write(self, side: str, tensors: Iterable[tuple[str, str, np.ndarray]]
             ) -> tuple[pr.TensorDesc, ...]:
     """Copies ``(name, class, array)`` triples into ``side``; returns descriptors."""
+    tensors = list(tensors)
+    if tensors:
+      self.check_size()
     base, pos, out = self._base(side), 0, []
     for name, cls, arr in tensors:
       a = np.asarray(arr, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
@@ -213,6 +224,7 @@ class Arena:
                            f" outside the {self.region}-byte region")
     if desc.offset % ALIGN:
       raise pr.OutOfBounds(f"{desc.name}: offset {desc.offset} is not {ALIGN}-byte aligned")
+    self.check_size()
     base = self._base(side) + desc.offset
     view = np.frombuffer(self.buf, dtype=desc.dtype, count=int(np.prod(desc.shape)),
                          offset=base).reshape(desc.shape)

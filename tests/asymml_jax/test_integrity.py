@@ -320,6 +320,7 @@ def _step(model, plan, variables, batch):
   return jax.jit(jax.value_and_grad(loss))
 
 
+@pytest.mark.fault("tampered_result")
 def test_verified_train_step_equals_unverified_and_rejects_a_tampering_accelerator(tiny):
   model, variables, batch, plan = tiny
   zero = jnp.float32(0.0)
@@ -373,6 +374,7 @@ def test_executor_raises_integrity_errors_for_tampered_inputs(tiny):
     ex.backward(0, 1, tampered, 0.0)
 
 
+@pytest.mark.fault("tampered_result")
 def test_enclave_turns_an_integrity_error_into_a_typed_protocol_error(monkeypatch):
   from enclave_bridge import protocol as pr
   from enclave_bridge.server import EnclaveServer

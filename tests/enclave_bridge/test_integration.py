@@ -244,6 +244,8 @@ class _Killer:
       os.kill(self.pid, signal.SIGKILL)
 
 
+@pytest.mark.fault("enclave_sigkill_forward", "enclave_sigkill_backward",
+                   "enclave_sigkill_between_calls")
 @pytest.mark.parametrize("crash", [
     "enclave_killed", pytest.param("driver_interrupted", marks=pytest.mark.slow)])
 def test_crash_then_resume_matches_an_uninterrupted_run(canary_run, tmp_path, crash):

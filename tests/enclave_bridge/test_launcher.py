@@ -19,6 +19,7 @@ import tomllib
 import pytest
 
 from enclave_bridge import auth
+from enclave_bridge import fault_table
 from enclave_bridge import launcher
 from enclave_bridge import transport
 from enclave_bridge.launcher import (EnclaveProcess, EnclaveSpec, GramineToolMissing,
@@ -524,15 +525,19 @@ def _start_driver(tmp_path: pathlib.Path, sock: str) -> tuple[subprocess.Popen, 
   return driver, int(line)
 
 
+@pytest.mark.fault("driver_sigkill")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_no_orphan_enclave_when_the_driver_dies(tmp_path, sock_dir, sig):
   sock = str(sock_dir / "e.sock")
   driver, child = _start_driver(tmp_path, sock)
   try:
     assert not _gone(child, within=0.2)  # running
+    t0 = time.monotonic()
     driver.send_signal(sig)
     driver.wait(timeout=10)
-    assert _gone(child, within=5.0), f"enclave {child} survived {sig.name} of its driver"
+    within = fault_table.bound("driver_sigkill")
+    assert _gone(child, within=max(0.0, within - (time.monotonic() - t0))), (
+        f"enclave {child} outlived {sig.name} of its driver by {within} s")
     if sig != signal.SIGKILL:  # graceful paths also remove the socket
       assert not os.path.exists(sock)
       assert "Traceback" not in driver.stderr.read() or sig == signal.SIGINT
@@ -575,6 +580,7 @@ def test_starts_and_stops_the_real_server(tmp_path, sock_dir, sealed_tiny):
   assert not os.path.exists(spec.socket_path) and enclave.returncode is not None
 
 
+@pytest.mark.fault("wrong_key")
 def test_real_server_with_wrong_key_fails_with_its_message(tmp_path, sock_dir, sealed_tiny):
   sealed, _ = sealed_tiny
   from enclave_bridge import seal

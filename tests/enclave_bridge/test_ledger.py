@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import itertools
-import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from enclave_bridge import ledger as lg
 from enclave_bridge import protocol as pr
+from tests.helpers import readme
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
-BEGIN, END = "<!-- ledger:begin -->", "<!-- ledger:end -->"
 
 
 def test_every_class_is_declared_completely():
@@ -150,17 +145,8 @@ def test_markdown_table_lists_every_class():
 
 
 def test_readme_threat_model_table_is_generated_from_the_ledger():
-  text = README.read_text()
-  assert text.count(BEGIN) == 1 and text.count(END) == 1, (
-      f"README.md must hold the ledger table between {BEGIN} and {END}")
-  between = text.split(BEGIN, 1)[1].split(END, 1)[0]
-  assert between.strip("\n") == lg.markdown_table(), (
-      "README.md's threat-model table is stale: regenerate it with "
-      "`python -m enclave_bridge.ledger`")
-  assert lg.markdown_table() in text
+  readme.assert_block_is_current("ledger", lg.markdown_table(), "enclave_bridge.ledger")
 
 
 def test_module_prints_the_table():
-  out = subprocess.run([sys.executable, "-m", "enclave_bridge.ledger"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60, check=True).stdout
-  assert out == lg.markdown_table() + "\n"
+  readme.assert_module_prints("enclave_bridge.ledger", lg.markdown_table())

@@ -161,6 +161,7 @@ def test_unsealed_arrays_are_read_only(sealed, key):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.fault("wrong_key")
 def test_wrong_key_is_refused(sealed, tmp_path):
   path = sealed[0]
   other = str(tmp_path / "other.key")
@@ -180,6 +181,7 @@ def _flip_positions(blob: bytes) -> list[tuple[str, int]]:
   return positions
 
 
+@pytest.mark.fault("tampered_sealed_file")
 @pytest.mark.parametrize("region", ["header", "nonce", "ciphertext", "tag"])
 @pytest.mark.parametrize("mask", [0x01, 0x80, 0xFF])
 def test_any_flipped_byte_is_refused(sealed, key, tmp_path, region, mask):
@@ -194,6 +196,7 @@ def test_any_flipped_byte_is_refused(sealed, key, tmp_path, region, mask):
       seal.unseal_dataset(bad_path, key)
 
 
+@pytest.mark.fault("tampered_sealed_file")
 @pytest.mark.parametrize("offset", [9, 10, 11, 12])
 def test_flipped_header_length_is_refused(sealed, key, tmp_path, offset):
   blob = bytearray(sealed[1])

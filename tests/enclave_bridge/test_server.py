@@ -453,10 +453,12 @@ def _fuzz_after_hello(server, arena, variables, n):
   return codes
 
 
+@pytest.mark.fault("garbage_frames")
 def test_fuzz_before_hello(arena):
   _fuzz_before_hello(arena, 1000)
 
 
+@pytest.mark.fault("garbage_frames")
 def test_fuzz_after_hello(server, arena, variables):
   _fuzz_after_hello(server, arena, variables, 1000)
 
@@ -600,6 +602,7 @@ def _first_stage_with_yr(server) -> int:
   return next(k for k, s in enumerate(server.sigs[True]) if s["yr"])
 
 
+@pytest.mark.fault("nan_from_accelerator")
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_from_the_accelerator(server, arena, variables, bad):
   _ok(_send(server, Op.BEGIN, tag=25, meta={"train": True}))
@@ -634,6 +637,49 @@ def test_descriptors_outside_the_arena(server, arena, variables):
   _ok(_send(server, Op.END, tag=26))
 
 
+@pytest.mark.fault("shm_truncated")
+def test_arena_truncated_under_the_enclave(server, arena, variables):
+  """The driver's side shrinks the arena after writing a request: the enclave refuses
+  it (``out_of_bounds``) instead of touching unmapped pages, and serves on."""
+  import os
+  _ok(_send(server, Op.BEGIN, tag=27, meta={"train": True}))
+  _ok(_call(server, arena, Op.FORWARD, tag=27, stage=0,
+            parts=_stage_inputs(server, variables, 0)))
+  descs = arena.write("request", _items(_stage_inputs(server, variables, 1)))
+  assert descs  # stage 1 reads tensors from the arena
+  os.ftruncate(arena.shm._fd, arena.region)  # noqa: SLF001 - the untrusted side's act
+  try:
+    reply = _send(server, Op.FORWARD, tag=27, stage=1, tensors=descs)
+    assert _code(reply) == "out_of_bounds" and "truncated" in reply.meta["error"]
+  finally:
+    os.ftruncate(arena.shm._fd, 2 * arena.region)  # noqa: SLF001
+  _ok(_call(server, arena, Op.FORWARD, tag=27, stage=1,
+            parts=_stage_inputs(server, variables, 1)))
+  _ok(_send(server, Op.END, tag=27))
+
+
+@pytest.mark.fault("oversize_frames")
+def test_an_announced_oversized_frame_is_answered_then_dropped():
+  import socket
+  from enclave_bridge import server as srv
+  from enclave_bridge.transport import Channel, ChannelClosed
+  a, b = socket.socketpair()
+  driver, enclave = Channel(a), Channel(b)
+  a.sendall(pr.LENGTH.pack(pr.MAX_FRAME + 1) + b"x" * 100)
+  s = EnclaveServer(_dataset(), KEY)
+  try:
+    srv.serve(s, enclave)  # returns: the stream cannot be resynchronised
+    reply = pr.decode(driver.recv(timeout=CASE_SECONDS))
+    assert _code(reply) == "oversized"
+    enclave.close()
+    with pytest.raises((ChannelClosed, ConnectionError)):
+      driver.recv(timeout=CASE_SECONDS)
+  finally:
+    driver.close()
+    s.close()
+
+
+@pytest.mark.fault("replayed_frames")
 def test_replayed_and_reordered_frames(server):
   body = _frame(server, Op.STATS)
   n = server.next_seq
@@ -835,6 +881,7 @@ def _exchange(channel, op, seq, meta=None, tensors=()):
   return pr.decode(channel.recv(timeout=CASE_SECONDS))
 
 
+@pytest.mark.fault("garbage_frames")
 @pytest.mark.parametrize("transport_name", ["unix", "tcp"])
 def test_only_the_driver_with_the_launch_secret_gets_in(arena, tmp_path, transport_name):
   from enclave_bridge import auth
