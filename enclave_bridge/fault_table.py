@@ -141,6 +141,8 @@ FAULTS: dict[str, Fault] = {f.key: f for f in [
 
 def bound(key: str) -> float:
   """The time bound (s) row ``key`` promises; tests assert it."""
+  if key not in FAULTS:
+    raise KeyError(f"unknown fault {key!r}; the table has {', '.join(FAULTS)}")
   within = FAULTS[key].within_s
   if within is None:
     raise ValueError(f"fault {key!r} has no time bound: its error comes in the same call")

@@ -64,6 +64,8 @@ def test_rows_are_validated():
   assert ft.bound("driver_sigkill") == 2.0
   with pytest.raises(ValueError, match="no time bound"):
     ft.bound("replayed_frames")
+  with pytest.raises(KeyError, match="unknown fault 'enclave_sigkil'; the table has enclave"):
+    ft.bound("enclave_sigkil")
 
 
 def test_markdown_table_has_a_row_per_fault():
