@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from asymml_jax import host_threads
-from asymml_jax import integrity
+from asymml_jax import integrity, precision
 from asymml_jax import parallel
 from asymml_jax import stages as st
 from asymml_jax.decomposition import DecompositionConfig
@@ -291,7 +291,7 @@ class CallbackHook:
       link_out, tag = res
       (drs, dloss, _, _), dlink_out = ct
       if dloss is None:
-        dloss = jnp.zeros((), jnp.float32)
+        dloss = jnp.zeros((), precision.float_dtype())
       dyr, dparams, dlink_in = jax.pure_callback(
           bwd_host, in_struct, tag, link_out, dlink_out, drs, dloss,
           vmap_method="sequential")

@@ -286,16 +286,20 @@ def principal_channels(x: jax.Array, key: jax.Array, r_max: int, *,
   b, h, w, c = x.shape
   if not 1 <= r_max <= c:
     raise ValueError(f"r_max must be in [1, C={c}], got {r_max}")
-  xs = jax.lax.stop_gradient(x).astype(jnp.float32)
+  xs = jax.lax.stop_gradient(x).astype(jnp.promote_types(x.dtype, jnp.float32))
   cols = min(c, r_max + max(0, oversample))
   if scope == "per_sample":
     if q0 is None:
-      q0 = jax.random.normal(key, (b, c, cols), jnp.float32)
-    u, rank = jax.vmap(_basis, in_axes=(0, 0, None, None, None, None))(
-        xs.reshape(b, h * w, c), q0, num_iters, tau, min_rank, r_max)
+      q0 = jax.random.normal(key, (b, c, cols), xs.dtype)
+    # One sample at a time, not vmap: a batched QR or eigh large enough is split
+    # by LAPACK over XLA's CPU pool and waits for it, which deadlocks when a
+    # host callback (the local backend) holds the pool's other thread.
+    u, rank = jax.lax.map(
+        lambda xq: _basis(xq[0], xq[1], num_iters, tau, min_rank, r_max),
+        (xs.reshape(b, h * w, c), q0))
   else:
     if q0 is None:
-      q0 = jax.random.normal(key, (c, cols), jnp.float32)
+      q0 = jax.random.normal(key, (c, cols), xs.dtype)
     u, rank = _basis(xs.reshape(b * h * w, c), q0, num_iters, tau, min_rank, r_max)
   return jax.lax.stop_gradient(u.astype(x.dtype)), rank
 

@@ -48,6 +48,7 @@ import numpy as np
 from asymml_jax import calibration
 from asymml_jax import integrity
 from asymml_jax import plan as plan_lib
+from asymml_jax import precision
 from asymml_jax import stages as st
 from asymml_jax.models.base import StagedModel
 from asymml_jax.plan import Plan
@@ -140,7 +141,7 @@ class TrustedExecutor:
     if tag in self._steps:
       return
     self.model.check_input(batch["image"])
-    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    b = precision.cast_floats({k: jnp.asarray(v) for k, v in batch.items()})
     self._steps[tag] = _Step(batch=b, train=train)
     self._steps[tag].priv[0] = st.empty_private()
 
@@ -274,7 +275,7 @@ class TrustedExecutor:
                  jax.tree_util.tree_map(jnp.zeros_like, s.priv[k + 1]))
     rs, loss, _, _ = s.outputs[k]
     drs = {name: jnp.asarray(drs[name], rs[name].dtype) for name in rs}
-    dl = None if loss is None else jnp.asarray(dloss, jnp.float32).reshape(())
+    dl = None if loss is None else jnp.asarray(dloss, loss.dtype).reshape(())
     dyr, dparams, dpriv_in = self._call(_apply_vjp, s.vjps[k], s.yl_vjps.pop(k, None),
                                         (drs, dpriv_out, dl))
     if self.overlap:  # group k-1's split kernels came with stage k-1: their gradient goes back there

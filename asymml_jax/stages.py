@@ -28,7 +28,7 @@ import optax
 
 from asymml_jax import decomposition as dec
 from asymml_jax import integrity
-from asymml_jax import ops
+from asymml_jax import ops, precision
 from asymml_jax.models.base import StagedModel
 from asymml_jax.plan import Plan
 from asymml_jax.privacy import gradients as grad_lib
@@ -196,7 +196,8 @@ def classification_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
   """
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   count = jnp.sum(mask)
-  denom = jnp.maximum(count, 1.0) if denominator is None else jnp.float32(denominator)
+  denom = (jnp.maximum(count, 1.0) if denominator is None
+           else jnp.asarray(denominator, ce.dtype))
   loss = jnp.sum(ce * mask) / denom
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
   return loss, {"loss_sum": jnp.sum(ce * mask), "correct": correct, "count": count}
@@ -273,7 +274,7 @@ def combine_outputs(model: StagedModel, plan: Plan, k: int, params_k: dict,
     elif sp.mode == "dense":
       y = yr[c.name]
     else:
-      y_r = yr[c.name].astype(jnp.float32)
+      y_r = yr[c.name].astype(p["kernel"].dtype)  # a bfloat16 residual back up
       if verify:
         checks[c.name] = _check_received(model, c, yr[c.name], priv_in, p, key)
         labels[c.name] = f"conv {c.name!r} (site {c.site!r})"
@@ -322,7 +323,7 @@ def apply_module(model: StagedModel, k: int, params_k: dict, stats_k: dict, ys: 
   carry = dict(priv_in["carry"])
   if k == 0:
     model.check_input(batch["image"])
-    carry = {"image": batch["image"]}
+    carry = {"image": jnp.asarray(batch["image"], precision.float_dtype())}
   variables = {"params": params_k["stage"]}
   if stats_k:
     variables["batch_stats"] = stats_k
@@ -433,9 +434,10 @@ def inline_loss(model: StagedModel, plan: Plan, params: Tree, stats: Tree,
 
 def batch_struct(model: StagedModel, batch_size: int) -> dict:
   """Shapes of a batch dict (``image``, ``label``, ``mask``) for ``model``."""
-  return {"image": jax.ShapeDtypeStruct((batch_size, *model.input_shape), jnp.float32),
+  dtype = precision.float_dtype()
+  return {"image": jax.ShapeDtypeStruct((batch_size, *model.input_shape), dtype),
           "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-          "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+          "mask": jax.ShapeDtypeStruct((batch_size,), dtype)}
 
 
 def stage_signatures(model: StagedModel, plan: Plan, batch_size: int, train: bool,

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from asymml_jax import backends as bk
-from asymml_jax import faults
+from asymml_jax import faults, precision
 from asymml_jax import stages as st
 from asymml_jax.models.base import StagedModel
 from asymml_jax.plan import Plan
@@ -218,6 +218,7 @@ def _hello_config(backend: str, model: StagedModel, plan: Plan, options: Mapping
           "augment_flip": bool(options.get("augment_flip", False)),
           "augment_crop": int(options.get("augment_crop", 0)),
           "residual_dtype": str(options.get("residual_dtype_name", "float32")),
+          "dtype": precision.float_dtype().name,
           "modes": {s: p.mode for s, p in plan.sites.items()}}
 
 
@@ -255,6 +256,7 @@ class _EnclaveConnection:
                                  exit_status=lambda: self.process.returncode,
                                  watchdog=self.watchdog)
       hello = _hello_config(backend, model, plan, opts)
+      self.client.arena.wide_floats = hello["dtype"] == "float64"
       hello.update(arena=self.client.arena.name, region=self.client.arena.region,
                    **auth.hello_fields(self.process.secret))
       self.info, _ = self.client.call(Op.HELLO, meta=hello)
@@ -376,7 +378,7 @@ class EnclaveBackend(_EnclaveConnection, bk.HostBackend):
         expect={"dyr": (output_gradient_class(self.plan), sig["yr"]),
                 "dparams": ("trusted_weight_gradient", sig["params"])},
         parts=(("drs", "residual_gradient", drs),
-               ("dloss", "loss_gradient", np.asarray(dloss, np.float32))))
+               ("dloss", "loss_gradient", np.asarray(dloss, precision.float_dtype()))))
     return out["dyr"] or {}, out["dparams"]
 
   def breakdown(self) -> dict[str, float]:
@@ -421,7 +423,7 @@ class TeeOnlyBackend(_EnclaveConnection, bk.Backend):
     self.watchdog.arm()
     try:
       v = self._variables
-      scalar = jax.ShapeDtypeStruct((), np.float32)
+      scalar = jax.ShapeDtypeStruct((), precision.float_dtype())
       expect = {"metrics": ("metrics", {k: scalar for k in ("correct", "count", "loss_sum")})}
       if train:
         expect.update(loss=("loss", scalar), grads=("whole_gradient", v["params"]),

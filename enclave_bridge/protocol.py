@@ -56,8 +56,9 @@ class Op(enum.IntEnum):
 
 REQUEST_OPS = frozenset(op for op in Op if op < Op.REPLY)
 
+# float64: verification only (asymml_jax.precision); HELLO fixes the run's dtype.
 DTYPES: dict[int, np.dtype] = {1: np.dtype(np.float32), 2: np.dtype(np.int32),
-                               3: np.dtype(np.float16)}
+                               3: np.dtype(np.float16), 5: np.dtype(np.float64)}
 try:  # bfloat16 residuals (ml_dtypes ships with jax)
   import ml_dtypes
   DTYPES[4] = np.dtype(ml_dtypes.bfloat16)

@@ -166,6 +166,7 @@ class EnclaveServer:
   def _on_hello(self, msg: pr.Message):
     import jax
     from asymml_jax import backends as bk
+    from asymml_jax import precision
     from asymml_jax import stages as st
     from asymml_jax import data
     from asymml_jax.decomposition import DecompositionConfig
@@ -192,6 +193,7 @@ class EnclaveServer:
       if not 1 <= batch_size <= n_train or eval_bs < 1:
         raise ValueError(f"batch sizes {batch_size}, {eval_bs} out of range")
       seed = int(c["seed"])
+      dtype = precision.check_dtype(str(c.get("dtype", "float32")))
       residual_dtype = {"float32": None, "bfloat16": "bfloat16"}[str(c.get("residual_dtype", "float32"))]
       region = int(c["region"])
       if region <= 0 or region % 64:
@@ -216,6 +218,10 @@ class EnclaveServer:
       arena.close()
       raise pr.StateError(f"privacy settings refused: {e}") from None
     self.arena = arena
+    arena.wide_floats = dtype == "float64"
+    # Before any signature or program is built: the run's precision (verification
+    # runs in float64, asymml_jax.precision).
+    jax.config.update("jax_enable_x64", dtype == "float64")
     plan = bk.make_plan_for(backend, model, batch_size, decomposition, privacy=privacy,
                             expected_batch_size=expected)
     client_modes = c.get("modes")
@@ -273,7 +279,8 @@ class EnclaveServer:
   def _on_begin(self, msg: pr.Message):
     train = bool(msg.meta.get("train", False))
     index = int(msg.meta.get("index", 0))
-    batch = self._batch(msg.tag, train, index)
+    from asymml_jax import precision
+    batch = precision.cast_floats(self._batch(msg.tag, train, index))
     self.executor.end(msg.tag)
     self.executor.begin(msg.tag, batch, train=train)
     self.train_tags[msg.tag] = train
@@ -314,9 +321,11 @@ class EnclaveServer:
     if not 0 <= k < self.model.num_stages:
       raise pr.StateError(f"stage {k} out of range")
     import jax
+    from asymml_jax import precision
     sig = self.sigs[True][k]
+    scalar = jax.ShapeDtypeStruct((), precision.float_dtype())
     ins = self._read(msg, {"drs": ("residual_gradient", sig["rs"]),
-                           "dloss": ("loss_gradient", jax.ShapeDtypeStruct((), np.float32))})
+                           "dloss": ("loss_gradient", scalar)})
     t0 = time.perf_counter()
     dyr, dparams = jax.device_get(self.executor.backward(msg.tag, k, ins["drs"] or {},
                                                          ins["dloss"]))

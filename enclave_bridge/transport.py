@@ -154,6 +154,9 @@ class Arena:
   def __init__(self, shm: shared_memory.SharedMemory, region: int, owner: bool):
     self.shm, self.region, self.owner = shm, region, owner
     self.buf = shm.buf
+    # float64 crosses only in a float64 (verification) run, set from HELLO's
+    # dtype on both sides; otherwise a float64 array (a Python float) goes as float32.
+    self.wide_floats = False
 
   @classmethod
   def create(cls, region_bytes: int) -> "Arena":
@@ -205,7 +208,7 @@ class Arena:
     base, pos, out = self._base(side), 0, []
     for name, cls, arr in tensors:
       a = np.asarray(arr, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
-      if a.dtype not in pr.DTYPE_CODES:
+      if a.dtype not in pr.DTYPE_CODES or (a.dtype == np.float64 and not self.wide_floats):
         a = a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int32)
       n = a.nbytes
       if pos + n > self.region:

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from asymml_jax import layers
+from asymml_jax import layers, precision
 from asymml_jax.ops import ConvSpec
 
 MIN_INPUT_SIZE = 32
@@ -143,7 +143,8 @@ class StagedModel:
     """Initial variables ``{'params': {'convs', 'stages'}, 'batch_stats': {'stages'}}``.
 
     Convolution kernels use He-normal (fan-out) init, biases zero; each stage
-    initialises its own parameters from its own key.
+    initialises its own parameters from its own key; the leaves are in
+    :func:`asymml_jax.precision.float_dtype`.
     """
     shapes = self.site_shapes  # validates geometry
     conv_key, stage_key = jax.random.split(key)
@@ -168,5 +169,6 @@ class StagedModel:
         for c in self.groups[k]:
           ho, wo = c.output_hw(*shapes[c.site][:2])
           ys[c.name] = jnp.zeros((1, ho, wo, c.features), jnp.float32)
-    return {"params": {"convs": convs, "stages": stage_params},
-            "batch_stats": {"stages": stage_stats}}
+    # Drawn in float32, then cast: both precisions start from the same values.
+    return precision.cast_floats({"params": {"convs": convs, "stages": stage_params},
+                                  "batch_stats": {"stages": stage_stats}})

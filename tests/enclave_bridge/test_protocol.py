@@ -223,7 +223,7 @@ def test_huge_shapes_do_not_fit_nbytes():
     pr.decode(_one_tensor_frame(shape=(2**32 - 1,) * 8, nbytes=2**64 - 1))
 
 
-@pytest.mark.parametrize("code", [0, 5, 255])
+@pytest.mark.parametrize("code", [0, 6, 255])
 def test_unknown_dtype_code(code):
   with pytest.raises(pr.DtypeMismatch):
     pr.decode(_one_tensor_frame(code=code))

@@ -487,6 +487,9 @@ def test_only_hello_or_shutdown_before_hello(arena):
     assert _code(_send(s, Op.HELLO, meta=_hello_meta(arena, batch_size=9))) == "malformed"
     assert _code(_send(s, Op.HELLO, meta=_hello_meta(arena, decomposition={"bogus": 1}))) == \
         "malformed"
+    reply = _send(s, Op.HELLO, meta=_hello_meta(arena, dtype="float16"))
+    assert _code(reply) == "malformed" and "float32, float64" in reply.meta["error"]
+    assert not jax.config.jax_enable_x64
     assert _code(_send(s, Op.HELLO, meta=_hello_meta(arena, region=4 * arena.region))) == \
         "out_of_bounds"
     assert _code(_send(s, Op.HELLO, meta=_hello_meta(arena, modes={"s0": "dense"}))) == "state"

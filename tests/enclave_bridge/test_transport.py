@@ -122,6 +122,19 @@ def test_unsupported_dtypes_are_converted(arena):
   pr.decode(pr.encode(pr.Message(pr.Op.FORWARD, 0, 0, 0, {}, descs)))
 
 
+def test_float64_crosses_only_in_a_float64_run(arena):
+  x = np.array([1.0 + 1e-12, -2.0])
+  (narrow,) = arena.write("request", [("x", "loss", x)])
+  assert narrow.dtype == np.float32
+  arena.wide_floats = True
+  try:
+    (wide,) = arena.write("request", [("x", "loss", x)])
+    assert wide.dtype == np.float64
+    np.testing.assert_array_equal(arena.read("request", wide), x)  # bit for bit
+  finally:
+    arena.wide_floats = False
+
+
 def test_read_returns_a_private_copy(arena):
   (d,) = arena.write("request", [("x", "public_weights", np.arange(8, dtype=np.float32))])
   got = arena.read("request", d)
