@@ -593,6 +593,16 @@ def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, se
   return _train_batches(images, labels, batch_size, seed, int(start_step), n)
 
 
+def step_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """The example indices :func:`train_batches` draws at ``step``, in batch order."""
+  e, i = divmod(step, num_examples // batch_size)
+  return _epoch_permutation(seed, e, num_examples)[i * batch_size:(i + 1) * batch_size]
+
+
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def _train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
                    start_step: int, n: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
   steps_per_epoch = n // batch_size
@@ -602,7 +612,7 @@ def _train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed
   while True:
     e, i = divmod(step, steps_per_epoch)
     if e != epoch:
-      epoch, perm = e, np.random.default_rng([seed, e]).permutation(n)
+      epoch, perm = e, _epoch_permutation(seed, e, n)
     idx = perm[i * batch_size:(i + 1) * batch_size]
     yield step, {
         "image": np.asarray(images[idx], dtype=np.float32),

@@ -208,7 +208,7 @@ def _atomic_write(path: str, chunks: Iterable[bytes | memoryview], *, mode: int,
   _fsync_directory(directory)
 
 
-def generate_key_file(path: str, *, overwrite: bool = False) -> None:
+def generate_key_file(path: str, *, overwrite: bool = False, key: bytes | None = None) -> None:
   """Writes a fresh random AES-256 key (32 raw bytes) to ``path``, mode 0600.
 
   The key is written atomically (temporary file, fsync, rename).
@@ -217,6 +217,8 @@ def generate_key_file(path: str, *, overwrite: bool = False) -> None:
     path: the key file to create.
     overwrite: replace an existing file.  Off by default because every
       container sealed with the old key becomes unreadable.
+    key: these 32 bytes instead of random ones: only for data that is not
+      secret (a verification batch, whose enclave must repeat its draws).
 
   Raises:
     KeyFileError: ``path`` exists (and ``overwrite`` is False), is a
@@ -232,7 +234,10 @@ def generate_key_file(path: str, *, overwrite: bool = False) -> None:
                     "sealed with it would become unreadable)")
   if os.path.lexists(path) and not overwrite:
     raise KeyFileError(exists_message)
-  key = AESGCM.generate_key(bit_length=8 * KEY_BYTES)
+  if key is None:
+    key = AESGCM.generate_key(bit_length=8 * KEY_BYTES)
+  elif len(key) != KEY_BYTES:
+    raise KeyFileError(f"a key has {KEY_BYTES} bytes, got {len(key)}")
   try:
     _atomic_write(path, [key], mode=0o600, overwrite=overwrite)
   except FileExistsError:

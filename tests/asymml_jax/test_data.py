@@ -406,6 +406,14 @@ def test_train_batches_epoch_uses_documented_permutation():
     np.testing.assert_array_equal(batch["image"], images[perm[3 * i:3 * i + 3]])
 
 
+@pytest.mark.parametrize("n, b, seed", [(10, 3, 7), (4, 4, 0), (9, 1, 2)])
+def test_step_indices_are_what_train_batches_draws(n, b, seed):
+  images, labels = _toy(n)
+  for step, batch in _take(data.train_batches(images, labels, b, seed=seed), 7):
+    np.testing.assert_array_equal(batch["image"],
+                                  images[data.step_indices(n, b, seed=seed, step=step)])
+
+
 def test_train_batches_every_sample_once_per_epoch():
   images, labels = _toy(24)
   ids = images[:, 0, 0, 0]

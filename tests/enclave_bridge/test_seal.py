@@ -377,6 +377,17 @@ def test_generate_key_refuses_overwrite(tmp_path):
     seal.generate_key_file(str(tmp_path / "no" / "k"))
 
 
+def test_generate_key_file_with_a_given_key(tmp_path):
+  path, key = str(tmp_path / "k"), bytes(range(32))
+  seal.generate_key_file(path, key=key)
+  assert seal.read_key_file(path) == key
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+  for size in (0, 16, 33):
+    with pytest.raises(seal.KeyFileError, match="a key has 32 bytes, got"):
+      seal.generate_key_file(str(tmp_path / f"k{size}"), key=b"k" * size)
+    assert not (tmp_path / f"k{size}").exists()
+
+
 def test_read_key_file_errors(tmp_path):
   with pytest.raises(seal.KeyFileError, match="does not exist"):
     seal.read_key_file(str(tmp_path / "missing"))
