@@ -14,14 +14,20 @@ host callbacks need, see asymml_jax.parallel; the mesh still has N devices).
 
 Noise and clipping are off (gradient protection on unless
 --gradient_protection=none); the relative L2 error of the loss and of the worst
-gradient leaf against ``dense`` are printed and written to --json.
+gradient leaf against ``dense`` are printed and written to --json.  The run
+passes (exit status 0) when both stay within max(1e-4, 2 x the float32 floor),
+or, with --dtype=float64, within 1e-10:
+
+  python -m experiments.verify --dtype=float64 --model=resnet20 \
+      --backends=dense,inline,local,enclave,tee_only
+  python -m experiments.verify --images=DIR --input_size=64   # your own photographs
 """
 
 import tempfile
 
 from absl import app, flags
 
-from asymml_jax import parallel, verify
+from asymml_jax import parallel, precision, verify
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.models import get_model
 from asymml_jax.train import write_json_atomic
@@ -44,7 +50,17 @@ _JSON = flags.DEFINE_string("json", None, "Write the result here.")
 _GRAD = flags.DEFINE_enum("gradient_protection", "decompose", ["decompose", "none"],
                           "decompose: only the residual of each output gradient leaves the "
                           "TEE; none: the full dY leaves (the reference implementation).")
-_FLOOR = flags.DEFINE_bool("floor", True, "Also measure the float32 floor of dense itself.")
+_FLOOR = flags.DEFINE_bool("floor", True, "Also measure the float32 floor of dense itself "
+                           "(float32 only).")
+_FLOOR_SEEDS = flags.DEFINE_integer("floor_seeds", 8, "Perturbation draws of the floor; "
+                                    "the floor is their maximum.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(precision.DTYPES),
+                           "float64: every backend, the enclave included, computes in float64 "
+                           "and must match dense to 1e-10 (the sharp invariant).")
+_IMAGES = flags.DEFINE_string("images", None, "Check on the first --batch_size images of this "
+                              "folder (one sub-folder per class); sets the input shape.")
+_NPZ = flags.DEFINE_string("npz", None, "Check on the first --batch_size examples of this .npz "
+                           "(arrays 'image' (N, H, W, C) and 'label'); sets the input shape.")
 _DEVICES = flags.DEFINE_integer("num_devices", 1,
                                 "Run the listed backends data-parallel on a mesh of this many "
                                 "devices (the batch size must divide by it); the reference is "
@@ -54,12 +70,31 @@ _VERIFY = flags.DEFINE_bool("verify_untrusted", False,
                             "accelerator result (Freivalds test, asymml_jax.integrity).")
 
 
+def _model_and_batch():
+  """The model, and the user's batch (or None: a random one)."""
+  if _IMAGES.value and _NPZ.value:
+    raise ValueError("give --images or --npz, not both")
+  batch, num_classes = None, 10
+  if _IMAGES.value:
+    batch, num_classes = verify.batch_from_folder(_IMAGES.value, _SIZE.value, _BATCH.value)
+  elif _NPZ.value:
+    batch, num_classes = verify.batch_from_npz(_NPZ.value, _BATCH.value)
+  shape = ((_SIZE.value, _SIZE.value, _CHANNELS.value) if batch is None
+           else tuple(batch["image"].shape[1:]))
+  model = get_model(_MODEL.value, input_shape=shape, width=_WIDTH.value, norm=_NORM.value,
+                    num_classes=num_classes)
+  return model, batch
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     if _BATCH.value < 1:
       raise ValueError(f"--batch_size must be >= 1, got {_BATCH.value}")
+    if _DTYPE.value == "float64" and _VERIFY.value:
+      raise ValueError("--verify_untrusted checks float32 results; leave it off with "
+                       "--dtype=float64")
     if set(_BACKENDS.value) & {"local", "enclave"} or _VERIFY.value:
       # Host callbacks on a CPU mesh need a CPU device outside it (asymml_jax.parallel).
       note = parallel.reserve_spare_cpu_device(_DEVICES.value)
@@ -67,30 +102,41 @@ def main(argv):
         print(note)
     # make_mesh refuses a count below 1 or above this host's devices (with the XLA_FLAGS hint).
     mesh = None if _DEVICES.value == 1 else parallel.make_mesh(_DEVICES.value)
-    model = get_model(_MODEL.value, input_shape=(_SIZE.value, _SIZE.value, _CHANNELS.value),
-                      width=_WIDTH.value, norm=_NORM.value)
+    model, batch = _model_and_batch()
     with tempfile.TemporaryDirectory(prefix="asymml-verify-") as tmp:
       result = verify.compare(
-          model, _BACKENDS.value, batch_size=_BATCH.value,
+          model, _BACKENDS.value, batch_size=_BATCH.value, batch=batch, dtype=_DTYPE.value,
           decomposition=DecompositionConfig(rank_fraction=_RANK.value, tau=_TAU.value,
                                             verify_untrusted=_VERIFY.value),
           seed=_SEED.value, force=_FORCE.value,
           prepare=enclave_bridge.verification_options(tmp, model.num_classes),
-          floor=_FLOOR.value, gradient_protection=_GRAD.value, mesh=mesh)
-  except ValueError as e:
+          floor=_FLOOR.value, floor_seeds=_FLOOR_SEEDS.value,
+          gradient_protection=_GRAD.value, mesh=mesh)
+  except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
+  _print(result)
+  if _JSON.value:
+    write_json_atomic(_JSON.value, result)
+  if not result["passed"]:
+    raise SystemExit(1)
+
+
+def _print(result: dict) -> None:
   for r in result["backends"]:
     print(f"{r['name']:<9} loss {r['loss']:.6f}  rel_err_loss {r['rel_err_loss']:.2e}  "
           f"rel_err_grads {r['rel_err_grads']:.2e} ({r['worst_leaf']})  "
           f"on {r['grad_devices']} device(s)")
   fl = result.get("float32_floor")
   if fl:
-    print(f"{'f32 floor':<9} (dense vs dense perturbed at float32 rounding) rel_err_loss "
-        f"{fl['rel_err_loss']:.2e}  rel_err_grads {fl['rel_err_grads']:.2e} ({fl['worst_leaf']})")
-  print(f"max_rel_err_loss {result['max_rel_err_loss']:.2e}  "
-        f"max_rel_err_grads {result['max_rel_err_grads']:.2e}")
-  if _JSON.value:
-    write_json_atomic(_JSON.value, result)
+    lo, hi = fl["spread"]
+    print(f"{'f32 floor':<9} (dense vs dense perturbed at float32 rounding, worst of "
+          f"{len(fl['per_seed'])} draws) rel_err_loss {fl['rel_err_loss']:.2e}  "
+          f"rel_err_grads {fl['rel_err_grads']:.2e} ({fl['worst_leaf']}; draws span "
+          f"{lo:.2e}..{hi:.2e})")
+  verdict = "passed" if result["passed"] else "FAILED"
+  print(f"{result['dtype']}: max_rel_err_loss {result['max_rel_err_loss']:.2e}  "
+        f"max_rel_err_grads {result['max_rel_err_grads']:.2e}  tolerance "
+        f"{result['tolerance']:.1e}: {verdict}")
 
 
 if __name__ == "__main__":

@@ -36,12 +36,13 @@ import pytest
 import enclave_bridge
 from asymml_jax import backends as bk
 from asymml_jax import stages as st
-from asymml_jax import verify
+from asymml_jax import data, sample_images, verify
 from asymml_jax.decomposition import DecompositionConfig
 from asymml_jax.models import get_model
 from enclave_bridge import fault_table
 from enclave_bridge import ledger as lg
 from enclave_bridge import protocol as pr
+from enclave_bridge import seal
 from enclave_bridge.client import BridgeClient, EnclaveDied, EnclaveHung, EnclaveTimeout
 from enclave_bridge.transport import Channel
 from tests.helpers import enclave as he
@@ -282,7 +283,7 @@ def track_backends(monkeypatch):
   return made
 
 
-def _assert_invariant(result, names):
+def _assert_invariant(result, names, tol=TOL):
   rows = {r["name"]: r for r in result["backends"]}
   for r in result["backends"]:
     print(f"\n{result['model']} {r['name']:9s} loss {r['loss']:.6f}  rel err loss "
@@ -292,10 +293,18 @@ def _assert_invariant(result, names):
   for name in names:
     r = rows[name]
     assert np.isfinite(r["loss"]), r
-    assert r["rel_err_loss"] <= TOL, r
-    assert r["rel_err_grads"] <= TOL, r
-  assert result["max_rel_err_loss"] <= TOL
-  assert result["max_rel_err_grads"] <= TOL
+    assert r["rel_err_loss"] <= tol, r
+    assert r["rel_err_grads"] <= tol, r
+  assert result["max_rel_err_loss"] <= tol
+  assert result["max_rel_err_grads"] <= tol
+
+
+def _sharp_invariant(tmp_path, model, names, photos):
+  result = verify.compare(model, names, batch=photos, dtype="float64",
+                          prepare=enclave_bridge.verification_options(str(tmp_path), 10))
+  _assert_invariant(result, names, verify.FLOAT64_TOLERANCE)
+  assert result["passed"]
+  return result
 
 
 def _assert_no_orphans(backends, names):
@@ -307,19 +316,33 @@ def _assert_no_orphans(backends, names):
     assert not proc.alive()
 
 
-def test_central_invariant_vgg11_across_the_process_boundary(tmp_path, track_backends):
-  # inline and local are checked against dense in tests/asymml_jax/test_backends.py
+def test_sharp_invariant_across_the_process_boundary_on_photos(tmp_path, track_backends):
+  """float64 in both processes, on four real photographs: enclave and tee_only
+  match dense to verify.FLOAT64_TOLERANCE (inline and local are checked against
+  dense in tests/asymml_jax/test_backends.py)."""
   names = ["enclave", "tee_only"]
-  # floor=False: the bound is TOL itself, so the float32 floor (one more dense
-  # compilation) is not needed
-  result = verify.compare(get_model("vgg11", width=0.125), names, batch_size=BATCH,
-                          prepare=enclave_bridge.verification_options(str(tmp_path), 10),
-                          floor=False)
-  _assert_invariant(result, names)
+  photos = {"image": sample_images.photo_batch(BATCH, 32), "label": np.array([3, 1, 4, 1])}
+  result = _sharp_invariant(tmp_path, get_model("vgg11", width=0.125), names, photos)
+  assert result["dtype"] == "float64" and result["tolerance"] == verify.FLOAT64_TOLERANCE
+  assert not jax.config.jax_enable_x64  # restored afterwards
   rows = {r["name"]: r for r in result["backends"]}
   assert "per_sample" in rows["enclave"]["modes"]  # really split, not all trusted
   assert rows["tee_only"]["modes"] == ["trusted"]
   _assert_no_orphans(track_backends, names)
+
+
+def test_the_verification_batch_is_sealed_so_step_0_reads_it_in_order(tmp_path):
+  images = np.arange(5 * 32 * 32 * 3, dtype=np.float32).reshape(5, 32, 32, 3)
+  labels = np.array([4, 0, 3, 1, 2])
+  opts = enclave_bridge.verification_options(str(tmp_path), 10)(
+      "enclave", {"image": images, "label": labels})
+  assert opts["seed"] == 0
+  assert seal.read_key_file(opts["key_path"]) == enclave_bridge.VERIFY_KEY
+  ds = seal.unseal_dataset(opts["sealed_path"], opts["key_path"])
+  assert not np.array_equal(ds.train_images, images)  # sealed permuted ...
+  _, first = next(data.train_batches(ds.train_images, ds.train_labels, 5, seed=opts["seed"]))
+  np.testing.assert_array_equal(first["image"], images)  # ... so that step 0 is the batch
+  np.testing.assert_array_equal(first["label"], labels)
 
 
 def test_central_invariant_with_calibrated_ranks(tmp_path, track_backends):
@@ -334,12 +357,20 @@ def test_central_invariant_with_calibrated_ranks(tmp_path, track_backends):
   _assert_no_orphans(track_backends, ["enclave"])
 
 
-@pytest.mark.slow  # ~50 s: a cold compile of resnet20's 20 stages in two processes
-def test_central_invariant_resnet20_enclave(tmp_path, track_backends):
-  result = verify.compare(get_model("resnet20", width=0.25), ["enclave"], batch_size=BATCH,
-                          prepare=enclave_bridge.verification_options(str(tmp_path), 10))
-  _assert_invariant(result, ["enclave"])
+@pytest.mark.slow  # ~60 s: a cold compile of resnet20's 20 stages in two processes
+def test_sharp_invariant_resnet20_enclave(tmp_path, track_backends):
+  photos = {"image": sample_images.photo_batch(BATCH, 32), "label": np.array([0, 1, 2, 3])}
+  _sharp_invariant(tmp_path, get_model("resnet20", width=0.25), ["enclave"], photos)
   _assert_no_orphans(track_backends, ["enclave"])
+
+
+@pytest.mark.slow  # minutes: ImageNet-sized photographs through every backend
+def test_sharp_invariant_resnet18_at_224_on_photos(tmp_path, track_backends):
+  names = ["inline", "local", "enclave", "tee_only"]
+  photos = {"image": sample_images.photo_batch(BATCH, 224), "label": np.array([0, 1, 2, 3])}
+  model = get_model("resnet18", input_shape=(224, 224, 3), width=0.25)
+  _sharp_invariant(tmp_path, model, names, photos)
+  _assert_no_orphans(track_backends, names)
 
 
 # =============================================================================

@@ -8,6 +8,9 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -17,15 +20,18 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                         capture_output=True, timeout=timeout)
 
 
-def test_verify_writes_json_within_tolerance(tmp_path):
-  out = tmp_path / "v.json"
+def test_verify_float64_on_the_users_npz_writes_json(tmp_path):
+  from asymml_jax import sample_images
+  npz, out = tmp_path / "photos.npz", tmp_path / "v.json"
+  np.savez(npz, image=sample_images.photo_batch(3, 32), label=np.array([2, 0, 1]))
   p = _run("experiments.verify", "--model=vgg11", "--width=0.125", "--backends=dense,inline",
-           "--nofloor", f"--json={out}")
+           "--dtype=float64", f"--npz={npz}", "--batch_size=2", f"--json={out}")
   assert p.returncode == 0, p.stderr
   result = json.loads(out.read_text())
-  assert result["model"] == "vgg11"
+  assert result["model"] == "vgg11" and result["dtype"] == "float64"
+  assert result["batch_size"] == 2 and result["passed"] and "float32_floor" not in result
   assert [b["name"] for b in result["backends"]] == ["dense", "inline"]
-  assert result["max_rel_err_loss"] <= 1e-4 and result["max_rel_err_grads"] <= 1e-4
+  assert result["max_rel_err_loss"] <= 1e-10 and result["max_rel_err_grads"] <= 1e-10
   assert "max_rel_err_grads" in p.stdout
 
 
@@ -36,6 +42,20 @@ def test_verify_bad_model_and_backend_names_list_choices(tmp_path):
   assert "Traceback" not in p.stderr
   p = _run("experiments.verify", "--model=vgg11", "--width=0.25", "--backends=inline,warp")
   assert p.returncode != 0 and "unknown backend 'warp'" in p.stderr
+  assert "Traceback" not in p.stderr
+  assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--npz=/nonexistent/b.npz"], "does not exist"),
+    (["--npz=a.npz", "--images=dir"], "--images or --npz, not both"),
+    (["--dtype=float64", "--verify_untrusted"], "leave it off with --dtype=float64"),
+    (["--dtype=float16"], "one of <float32|float64>"),
+])
+def test_verify_bad_data_and_dtype_flags_are_clear_errors(tmp_path, flags, words):
+  p = _run("experiments.verify", "--model=vgg11", "--width=0.125", "--backends=inline",
+           f"--json={tmp_path / 'x.json'}", *flags)
+  assert p.returncode != 0 and words in p.stderr, p.stderr
   assert "Traceback" not in p.stderr
   assert not (tmp_path / "x.json").exists()
 
